@@ -1,0 +1,81 @@
+"""Architecture adapters: Hugging Face config.json -> core Config, HF tensor names -> core names.
+
+Each adapter module defines
+    MODEL_TYPES      the config.json `model_type`s it reads
+    ARCHITECTURES    the `architectures` entries it reads
+    to_config(hf: dict) -> Config
+    targets(name: str, cfg: Config) -> list[Target] | IGNORE | None
+        where a checkpoint tensor goes (a fused parameter takes several tensors, each into its
+        rows); IGNORE for tensors deliberately dropped; None for a name it does not know (the
+        loader reports it as unexpected: loading is strict).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+IGNORE = "ignore"
+
+
+@dataclass(frozen=True)
+class Target:
+    param: str                                    # core parameter name
+    rows: tuple[int, int] | None = None           # [start, stop) along dim 0, for fused params
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def rope_settings(hf: dict) -> tuple[float, dict | None]:
+    """(theta, scaling) from either spelling: hub files say `rope_theta` + `rope_scaling` (with
+    `type` or `rope_type`); transformers 5 writes one `rope_parameters` dict holding both."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = params.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
+    kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    if kind in ("linear", "llama3", "yarn"):
+        params.setdefault("original_max_position_embeddings", hf.get("original_max_position_embeddings")
+                          or hf.get("max_position_embeddings"))
+    elif kind != "default":
+        raise ValueError(f"unsupported rope scaling {kind!r} (supported: default, linear, llama3, yarn)")
+    return float(theta), (None if kind == "default" else {"rope_type": kind, **params})
+
+
+def token_ids(hf: dict) -> dict:
+    eos = hf.get("eos_token_id")
+    eos = [] if eos is None else (list(eos) if isinstance(eos, list) else [eos])
+    return {"bos_token_id": hf.get("bos_token_id"), "eos_token_ids": eos,
+            "torch_dtype": hf.get("dtype") or hf.get("torch_dtype")}
+
+
+def fused_rows(sizes: tuple[int, ...], index: int) -> tuple[int, int]:
+    """Rows of part `index` in a parameter fused from parts of these sizes (q/k/v, gate/up)."""
+    start = sum(sizes[:index])
+    return start, start + sizes[index]
+
+
+from . import gpt2, llama, qwen3  # noqa: E402  (the registry below needs the helpers above)
+
+ADAPTERS = [gpt2, llama, qwen3]
+try:   # DeepSeek lands separately; the registry lists whatever is present
+    from . import deepseek  # noqa: E402
+    ADAPTERS.append(deepseek)
+except ImportError:
+    pass
+
+
+def supported() -> list[str]:
+    return sorted(t for a in ADAPTERS for t in a.MODEL_TYPES)
+
+
+def pick(hf: dict):
+    """The adapter for a config.json: by `model_type`, else by `architectures`."""
+    model_type = hf.get("model_type")
+    for adapter in ADAPTERS:
+        if model_type in adapter.MODEL_TYPES:
+            return adapter
+    for arch in hf.get("architectures") or []:
+        for adapter in ADAPTERS:
+            if arch in adapter.ARCHITECTURES:
+                return adapter
+    name = model_type or ", ".join(hf.get("architectures") or []) or "(none given)"
+    raise ValueError(f"unknown architecture {name!r}; supported model types: {', '.join(supported())}")

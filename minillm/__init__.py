@@ -1,0 +1,12 @@
+"""minillm: a small, readable LLM inference runtime.
+
+    import minillm
+    llm = minillm.load("Qwen/Qwen3-0.6B")
+    print(llm.generate("def fibonacci(n):", max_new_tokens=32).text)
+"""
+from .api import DEFAULT_MODEL, LLM, GenerationResult, load
+from .config import Config
+from .loader import LoadError
+
+__version__ = "0.1.0"
+__all__ = ["load", "LLM", "GenerationResult", "Config", "LoadError", "DEFAULT_MODEL"]

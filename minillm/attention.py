@@ -1,0 +1,76 @@
+"""Where attention runs: the seam between the decoder and its kernels.
+
+The decoder hands every layer the same `Step`: the positions of the new tokens, the cache and the
+backend. `Step.attend` writes the new K/V into the cache and runs attention over everything the
+sequence has so far. The torch backend uses scaled_dot_product_attention; the triton backend calls
+minillm.kernels (FlashAttention-2 prefill, flash-decoding).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .cache import KVCache
+
+
+class Step:
+    """One forward pass. `start` is the position of each sequence's first new token: an int when
+    all sequences share it (the common case: one prompt, or decoding prompts of equal length), else
+    a (B,) LongTensor. Query t of sequence b sits at position start[b] + t and sees keys 0..that."""
+
+    def __init__(self, batch: int, T: int, start, cache: KVCache | None, backend: str, device):
+        self.T, self.cache, self.backend = T, cache, backend
+        if isinstance(start, torch.Tensor):
+            start = start.to(device)
+            self.uniform = False
+            self.start_t = start
+            self.kv_len = int(start.max()) + T
+        else:
+            self.uniform = True
+            self.start_t = torch.full((batch,), start, dtype=torch.long, device=device)
+            self.kv_len = start + T
+        self.start = start
+        self.pos = self.start_t[:, None] + torch.arange(T, device=device)   # (B, T)
+        self.batch_idx = torch.arange(batch, device=device)[:, None]
+        self._mask = None
+
+    def write(self, layer: int, **new: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Store the new tokens' entries (each (B, T, ...)) in the cache; return every entry up to
+        the longest sequence's end, (B, S, ...). Without a cache, the new entries themselves."""
+        if self.cache is None:
+            return new
+        slots = self.cache.layer(layer)
+        for name, x in new.items():
+            if self.uniform:
+                slots[name][:, self.start:self.start + self.T] = x
+            else:
+                slots[name][self.batch_idx, self.pos] = x
+        return {name: t[:, :self.kv_len] for name, t in slots.items()}
+
+    def mask(self) -> torch.Tensor:
+        """(B, 1, T, S) bool: key j is visible to query t iff j <= pos[b, t]."""
+        if self._mask is None:
+            keys = torch.arange(self.kv_len, device=self.pos.device)
+            self._mask = (keys[None, None, :] <= self.pos[:, :, None])[:, None]
+        return self._mask
+
+    def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        """q (B, T, H, D), k (B, T, Hkv, D), v (B, T, Hkv, Dv) -> (B, T, H, Dv)."""
+        kv = self.write(layer, k=k, v=v)
+        k, v = kv["k"], kv["v"]
+        if self.backend == "triton":
+            from . import kernels_bridge
+            return kernels_bridge.attend(self, q, k, v, scale)
+        return sdpa(q, k, v, scale, self)
+
+
+def sdpa(q, k, v, scale, step: Step) -> torch.Tensor:
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)      # (B, H, T|S, D)
+    gqa = q.shape[1] != k.shape[1]
+    if step.uniform and step.start == 0:
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=step.T > 1, scale=scale, enable_gqa=gqa)
+    elif step.uniform and step.T == 1:   # decoding: the one new token sees the whole cache
+        o = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask(), scale=scale, enable_gqa=gqa)
+    return o.transpose(1, 2)                                                 # (B, T, H, Dv)

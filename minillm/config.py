@@ -1,0 +1,80 @@
+"""One dataclass whose fields name every way the supported architectures differ.
+
+Adapters (minillm.archs) translate a Hugging Face config.json into this; the decoder reads only
+this. Adding an architecture means filling these fields, not subclassing the model.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Config:
+    arch: str                       # adapter that produced it ("gpt2", "llama", "qwen3", ...)
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int               # == num_heads: MHA; fewer: GQA (shared K/V per group)
+    head_dim: int                   # independent of hidden_size / num_heads (Qwen3, Gemma)
+    intermediate_size: int
+    max_position: int               # context length
+
+    # normalisation
+    norm: str = "rms"               # "rms" (RMSNorm) | "layer" (LayerNorm with bias)
+    norm_eps: float = 1e-6
+
+    # positions
+    pos: str = "rope"               # "rope" | "learned" (GPT-2's wpe)
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3"|"yarn", ...} as in HF
+    rope_interleaved: bool = False  # rotate pairs (2i, 2i+1) instead of halves (DeepSeek's stored layout)
+
+    # MLP
+    act: str = "silu"               # "silu" | "gelu_new" | "gelu" | "relu"
+    gated_mlp: bool = True          # act(gate(x)) * up(x) (Llama) vs act(fc(x)) (GPT-2)
+
+    # biases and extras
+    qkv_bias: bool = False          # GPT-2, Qwen2
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False           # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    tie_embeddings: bool = False
+    attn_scale: float | None = None  # softmax scale; None means 1/sqrt(head_dim)
+
+    # Multi-head Latent Attention (DeepSeek-V2/V3); attention == "mla" selects it
+    attention: str = "mha"          # "mha" (MHA/GQA/MQA) | "mla"
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+
+    # Mixture of experts (DeepSeek); layers listed in moe_layers use the MoE MLP
+    moe_layers: list[int] = field(default_factory=list)
+    n_routed_experts: int = 0
+    n_shared_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    scoring_func: str = "softmax"   # "softmax" (V2) | "sigmoid" (V3)
+    topk_method: str = "greedy"     # "greedy" | "group_limited_greedy" | "noaux_tc"
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+
+    # token ids the checkpoint declares (generation stops at any eos)
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    torch_dtype: str | None = None  # dtype the checkpoint was saved in ("bfloat16", ...)
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+
+    @property
+    def rope_dim(self) -> int:
+        return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
+    def to_dict(self) -> dict:
+        return asdict(self)

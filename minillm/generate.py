@@ -1,0 +1,144 @@
+"""The generation loop: prefill the prompts, then decode one token per sequence per step.
+
+Prompts of different lengths are right-padded into one batch: causal attention keeps a prompt's
+tokens from seeing the padding after them, and each sequence then decodes at its own position
+(its own slot in the preallocated cache), so nothing is shifted and RoPE positions stay exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .model import Decoder
+from .tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0         # 0: greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+
+
+def next_tokens(logits: torch.Tensor, s: Sampling, seen: torch.Tensor | None, gen) -> torch.Tensor:
+    """logits (B, V) -> (B,) token ids. The processors run in transformers' order: repetition
+    penalty, then temperature, top-k, top-p, min-p; each with transformers' semantics."""
+    logits = logits.float()
+    if s.repetition_penalty and s.repetition_penalty != 1.0 and seen is not None:
+        prev = logits.gather(1, seen)
+        prev = torch.where(prev < 0, prev * s.repetition_penalty, prev / s.repetition_penalty)
+        logits = logits.scatter(1, seen, prev)
+    if not s.temperature:
+        return logits.argmax(-1)
+    logits = logits / s.temperature
+    if s.top_k:
+        kth = logits.topk(min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p is not None and s.top_p < 1.0:
+        # drop the least likely tokens whose total mass stays below 1 - top_p (keep >= 1 token)
+        sorted_logits, order = logits.sort(dim=-1)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - s.top_p
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    if s.min_p:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < s.min_p * probs.amax(-1, keepdim=True), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+
+
+@dataclass
+class Sequence:
+    """One prompt's progress: its new tokens, their text so far, and why it stopped."""
+    prompt: list[int]
+    decoder: StreamDecoder | None
+    stop: list[str]
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0                  # characters of text handed out by stream()
+    finish_reason: str | None = None
+
+    def add(self, token: int, eos: set[int]):
+        self.tokens.append(token)
+        if token in eos:
+            self.finish_reason = "eos"
+            return
+        if self.decoder is not None:
+            self.text += self.decoder.push(token)
+            for s in self.stop:
+                if s in self.text:
+                    self.text = self.text[:self.text.index(s)]
+                    self.finish_reason = "stop"
+
+    def finish(self, reason: str):
+        self.finish_reason = self.finish_reason or reason
+        if self.decoder is not None and self.finish_reason != "stop":
+            self.text += self.decoder.flush()
+
+    def ready_text(self) -> str:
+        """Text that can be streamed now: all of it once finished, else all but what might be
+        the start of a stop string."""
+        end = len(self.text)
+        if self.finish_reason is None and self.stop:
+            end -= max(len(s) for s in self.stop) - 1
+        piece = self.text[self.emitted:max(end, self.emitted)]
+        self.emitted += len(piece)
+        return piece
+
+
+@torch.inference_mode()
+def run(model: Decoder, tokenizer: Tokenizer | None, prompts: list[list[int]], max_new_tokens: int,
+        sampling: Sampling, eos: set[int], stop: list[str], seed: int | None):
+    """Yields the list of Sequences after every step; the last yield has all of them finished."""
+    cfg, device = model.cfg, model.embed.weight.device
+    lens = [len(p) for p in prompts]
+    if min(lens) == 0:
+        raise ValueError("empty prompt: give at least one token")
+    if max(lens) > cfg.max_position:
+        raise ValueError(f"prompt of {max(lens)} tokens exceeds the model's context of {cfg.max_position}")
+    seqs = [Sequence(p, StreamDecoder(tokenizer) if tokenizer else None, stop) for p in prompts]
+    budget = min(max_new_tokens, cfg.max_position - min(lens))
+    if budget <= 0:
+        for s in seqs:
+            s.finish("length")
+        yield seqs
+        return
+    gen = None
+    if sampling.temperature:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed if seed is not None else torch.seed())
+    B, T = len(prompts), max(lens)
+    cache = model.new_cache(B, min(cfg.max_position, T + budget))
+    ids = torch.zeros(B, T, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+    lengths = torch.tensor(lens, device=device)
+    logits = model(ids, 0, cache, last=lengths - 1)                  # (B, V)
+    pos = lengths.clone()                                             # where each next token goes
+    for _ in range(budget):
+        seen = _seen(seqs, device) if sampling.repetition_penalty else None
+        tok = next_tokens(logits, sampling, seen, gen)
+        for s, t in zip(seqs, tok.tolist()):
+            if s.finish_reason is None:
+                s.add(t, eos)
+                if s.finish_reason is None and len(s.prompt) + len(s.tokens) >= cfg.max_position:
+                    s.finish("length")
+        if all(s.finish_reason for s in seqs):
+            break
+        yield seqs
+        start = int(pos[0]) if B == 1 or len(set(lens)) == 1 else pos
+        logits = model(tok[:, None], start, cache)[:, -1]
+        pos += 1
+    for s in seqs:
+        s.finish("length")
+    yield seqs
+
+
+def _seen(seqs: list[Sequence], device) -> torch.Tensor:
+    """(B, N) ids each sequence has seen so far (padded by repeating its last id, which is harmless
+    for a penalty applied once per distinct id)."""
+    rows = [s.prompt + s.tokens for s in seqs]
+    n = max(len(r) for r in rows)
+    return torch.tensor([r + [r[-1]] * (n - len(r)) for r in rows], device=device)

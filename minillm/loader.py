@@ -1,0 +1,179 @@
+"""From a folder or hub id to a Decoder with every parameter filled.
+
+Weights stream tensor by tensor out of mmapped safetensors, converted to the target dtype on the
+way, into parameters allocated without initialisation: peak memory stays near one copy. Loading is
+strict: each checkpoint tensor goes somewhere or is deliberately ignored by the adapter, each
+parameter (each row of a fused one) is filled exactly once, each shape is checked.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from minillm import archs
+
+from .config import Config
+from .model import Decoder
+
+
+class LoadError(Exception):
+    """A checkpoint that cannot be loaded; the message says which file or tensor and why."""
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.txt"]
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype).removeprefix("torch.") not in DTYPES:
+        raise LoadError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
+    return DTYPES[str(dtype).removeprefix("torch.")]
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """A local folder as is; otherwise a hub id, fetched (config, tokenizer, safetensors only)
+    or found in the Hugging Face cache, honouring HF_HUB_OFFLINE and HF_HOME."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise LoadError(f"{path} is a file; give the folder that holds config.json")
+    name = str(name_or_path)
+    if not HUB_ID.match(name):
+        raise LoadError(f"no such folder: {name}")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+    except (GatedRepoError, RepositoryNotFoundError) as e:
+        raise LoadError(f"no folder {name!r} here and no accessible hub model of that name "
+                        f"({type(e).__name__})") from None
+    except LocalEntryNotFoundError:
+        from huggingface_hub import constants
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub could not be reached"
+        raise LoadError(f"model {name!r} is not a local folder and not in the Hugging Face cache "
+                        f"({constants.HF_HUB_CACHE}), and {why}") from None
+    except Exception as e:  # network and HTTP errors of every kind
+        raise LoadError(f"could not fetch {name!r} from the hub: {type(e).__name__}: {e}") from None
+
+
+def read_config(path: Path) -> dict:
+    file = path / "config.json"
+    if not file.exists():
+        raise LoadError(f"no config.json in {path}")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{file} is not valid JSON: {e}") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (path / s).exists()]
+        if missing:
+            raise LoadError(f"{index.name} lists {missing[0]}, which is not in {path}")
+        return [path / s for s in shards]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
+            raise LoadError(f"{path} has only PyTorch pickle weights (.bin/.pt); minillm reads "
+                            "safetensors (convert them: save_pretrained(..., safe_serialization=True))")
+        raise LoadError(f"no *.safetensors weights in {path}")
+    return files
+
+
+def to_config(hf: dict) -> tuple[Config, object]:
+    try:
+        adapter = archs.pick(hf)
+        return adapter.to_config(hf), adapter
+    except (KeyError, ValueError, TypeError) as e:
+        msg = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+        raise LoadError(f"config.json: {msg}") from None
+
+
+def build(cfg: Config, device, dtype) -> Decoder:
+    """A Decoder whose parameters are allocated but not initialised (they are about to be filled)."""
+    with torch.device("meta"):
+        model = Decoder(cfg).to(dtype)
+    model.to_empty(device=device)
+    model.reset_buffers()
+    return model.eval().requires_grad_(False)
+
+
+def load_weights(model: Decoder, adapter, files: list[Path], progress: bool | None = None):
+    cfg = model.cfg
+    params = dict(model.named_parameters(remove_duplicate=True))
+    filled = {name: 0 for name in params}           # rows filled so far
+    seen: set[tuple[str, tuple | None]] = set()
+    total = sum(f.stat().st_size for f in files)
+    if progress is None:   # a bar only when loading takes more than a moment
+        progress = total > 256 * 2**20 and sys.stderr.isatty()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", file=sys.stderr)
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    dests = adapter.targets(name, cfg)
+                    if dests == archs.IGNORE:
+                        continue
+                    if not dests or any(d.param not in params for d in dests):
+                        raise LoadError(f"unexpected tensor {name!r} in {file.name}: "
+                                        f"the {cfg.arch} model has no place for it")
+                    t = f.get_tensor(name)
+                    for d in dests:
+                        _fill(params[d.param], d, t, name, seen)
+                        filled[d.param] += (d.rows[1] - d.rows[0]) if d.rows else params[d.param].shape[0]
+                    if bar:
+                        bar.update(t.numel() * t.element_size())
+        except SafetensorError as e:
+            raise LoadError(f"corrupt or truncated safetensors file {file}: {e}") from None
+    if bar:
+        bar.close()
+    for name, p in params.items():
+        if filled[name] != p.shape[0]:
+            what = "missing" if filled[name] == 0 else f"only {filled[name]} of {p.shape[0]} rows filled for"
+            raise LoadError(f"{what} parameter {name!r}: no checkpoint tensor maps to it"
+                            if filled[name] == 0 else f"{what} parameter {name!r}")
+
+
+def _fill(param: torch.Tensor, d: archs.Target, t: torch.Tensor, name: str, seen: set):
+    key = (d.param, d.rows)
+    if key in seen:
+        raise LoadError(f"tensor {name!r} fills {d.param} rows {d.rows}, already filled")
+    seen.add(key)
+    if d.transform is not None:
+        t = d.transform(t)
+    dest = param[d.rows[0]:d.rows[1]] if d.rows else param
+    if tuple(t.shape) != tuple(dest.shape):
+        raise LoadError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(dest.shape)} "
+                        f"for {d.param}")
+    with torch.no_grad():
+        dest.copy_(t)   # converts dtype and device on the way; the mmapped source is not kept
+
+
+def load_model(path: Path, device: torch.device, dtype: torch.dtype | None, progress=None):
+    """-> (Decoder, hf config dict). dtype None: the checkpoint's own on GPU, float32 on CPU."""
+    hf = read_config(path)
+    cfg, adapter = to_config(hf)
+    files = weight_files(path)
+    if dtype is None:
+        dtype = torch.float32 if device.type == "cpu" else DTYPES.get(cfg.torch_dtype or "", torch.float32)
+    model = build(cfg, device, dtype)
+    load_weights(model, adapter, files, progress)
+    return model, hf

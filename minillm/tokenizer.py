@@ -1,0 +1,83 @@
+"""Text <-> token ids through a Hugging Face tokenizer.json (the `tokenizers` library).
+
+Special tokens are added exactly as transformers (5.x) adds them for the same files: by
+tokenizer.json's post-processor alone (Llama 2/3 add BOS there; GPT-2 and Qwen add nothing).
+transformers drops `add_bos_token` / `add_eos_token` from tokenizer_config.json whenever a
+tokenizer.json is present, so they change nothing here either; a tokenizer.json without a
+post-processor adds no special tokens.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer as _Tok
+
+
+class TokenizerError(Exception):
+    pass
+
+
+def _token_text(tok) -> str | None:
+    return tok.get("content") if isinstance(tok, dict) else tok
+
+
+class Tokenizer:
+    def __init__(self, path: Path):
+        file = Path(path) / "tokenizer.json"
+        self.tok = _Tok.from_file(str(file))
+        conf_file = Path(path) / "tokenizer_config.json"
+        conf = json.loads(conf_file.read_text()) if conf_file.exists() else {}
+        self.bos_token, self.eos_token = _token_text(conf.get("bos_token")), _token_text(conf.get("eos_token"))
+
+    @classmethod
+    def from_dir(cls, path: Path) -> "Tokenizer | None":
+        path = Path(path)
+        if (path / "tokenizer.json").exists():
+            return cls(path)
+        if (path / "tokenizer.model").exists():
+            raise TokenizerError(
+                f"{path} has only a sentencepiece tokenizer.model; minillm reads tokenizer.json "
+                "(write one with transformers: AutoTokenizer.from_pretrained(p).save_pretrained(p))")
+        return None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text pieces, never half a character.
+
+    Decoding token by token is wrong twice over: a UTF-8 character can span tokens (the byte-level
+    BPE shows U+FFFD until its last byte arrives), and some decoders change a token's text by what
+    precedes it (sentencepiece strips the leading space of the first token). So decode a window
+    that starts a few tokens back and emit what it adds beyond the text already emitted.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0   # window start
+        self.read = 0     # tokens whose text has been emitted
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        done = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(text) > len(done) and not text.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return text[len(done):]
+        return ""
+
+    def flush(self) -> str:
+        done = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return text[len(done):]

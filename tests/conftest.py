@@ -1,0 +1,152 @@
+"""Tiny random checkpoints built with transformers (fixed seeds, once per test session), and the
+transformers models themselves as the numerical reference."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+CORPUS = """def fibonacci(n):
+    if n < 2:
+        return n
+    return fibonacci(n - 1) + fibonacci(n - 2)
+
+class Stack:
+    def __init__(self):
+        self.items = []
+    def push(self, item):
+        self.items.append(item)
+
+import os, sys
+for i in range(10):
+    print(i, "hello world", sys.argv)
+The quick brown fox jumps over the lazy dog. Naïve café — 日本語のテキスト, emoji 🙂.
+""" * 4
+
+SPECIALS = ["<|endoftext|>", "<s>", "</s>"]
+
+
+def build_tokenizer(folder: Path, add_bos: bool | None):
+    """A byte-level BPE trained on CORPUS (about 300 tokens), saved as transformers does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([CORPUS], trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    conf = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+            "model_max_length": 256}
+    if add_bos is not None:
+        conf["add_bos_token"] = add_bos
+    (folder / "tokenizer_config.json").write_text(json.dumps(conf))
+    return tok.get_vocab_size()
+
+
+VOCAB = 320
+BOS, EOS = 1, 2     # "<s>", "</s>" in the trained vocabulary
+
+
+def _llama(**kw):
+    from transformers import LlamaConfig
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                initializer_range=0.3, bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=False)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def _qwen3(**kw):
+    from transformers import Qwen3Config
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                initializer_range=0.3, bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=True)
+    base.update(kw)
+    return Qwen3Config(**base)
+
+
+def _gpt2(**kw):
+    from transformers import GPT2Config
+    base = dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                initializer_range=0.3, bos_token_id=0, eos_token_id=0)
+    base.update(kw)
+    return GPT2Config(**base)
+
+
+# name -> (config factory, save options, tokenizer add_bos_token)
+VARIANTS = {
+    "gpt2": (_gpt2, {}, None),
+    "llama-mha": (_llama, {}, True),
+    "llama-gqa-tied-llama3": (lambda: _llama(num_key_value_heads=2, tie_word_embeddings=True, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}), {}, True),
+    "llama-linear-sharded": (lambda: _llama(num_key_value_heads=1, rope_parameters={
+        "rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}), {"max_shard_size": "40KB"}, False),
+    "llama-bf16": (lambda: _llama(num_key_value_heads=2), {"dtype": torch.bfloat16}, True),
+    "qwen3": (_qwen3, {}, None),
+    "qwen3-yarn-untied": (lambda: _qwen3(tie_word_embeddings=False, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
+        "original_max_position_embeddings": 64}), {}, None),
+}
+ARCHS = list(VARIANTS)
+
+
+def build_checkpoint(name: str, folder: Path):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    make, save, add_bos = VARIANTS[name]
+    torch.manual_seed(sum(map(ord, name)))
+    model = AutoModelForCausalLM.from_config(make())
+    if "dtype" in save:
+        model = model.to(save["dtype"])
+    model.generation_config = GenerationConfig(bos_token_id=model.config.bos_token_id,
+                                               eos_token_id=model.config.eos_token_id)
+    model.save_pretrained(folder, **{k: v for k, v in save.items() if k != "dtype"})
+    build_tokenizer(folder, add_bos)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    for name in VARIANTS:
+        out[name] = root / name
+        build_checkpoint(name, out[name])
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """name/path -> the transformers model, fp32, loaded from the same folder."""
+    from transformers import AutoModelForCausalLM
+    cache = {}
+
+    def get(path: Path):
+        if path not in cache:
+            cache[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        return cache[path]
+    return get
+
+
+def run_cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "minillm.cli", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+
+
+def hub_cache_layout(src: Path, cache: Path, repo_id: str, commit: str = "0" * 40) -> Path:
+    """Lay a folder out as huggingface_hub's cache does: blobs are plain copies here (the hub
+    uses symlinks into blobs/; the resolver does not care)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snap = repo / "snapshots" / commit
+    shutil.copytree(src, snap)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snap

@@ -1,0 +1,105 @@
+"""Bad input: one clear line naming the problem, in Python (LoadError) and from the CLI (stderr,
+non-zero exit, no traceback)."""
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import run_cli
+from safetensors.torch import load_file, save_file
+
+import minillm
+from minillm import LoadError
+
+
+@pytest.fixture
+def llama(checkpoints, tmp_path):
+    dst = tmp_path / "llama"
+    shutil.copytree(checkpoints["llama-mha"], dst)
+    return dst
+
+
+def rewrite(folder, edit):
+    sd = load_file(folder / "model.safetensors")
+    edit(sd)
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def cases(tmp_path, llama):
+    """name -> (folder or id, expected message fragment)."""
+    out = {"missing folder": (str(tmp_path / "nope" / "x" / "y"), "no such folder")}
+    unknown = tmp_path / "unknown"
+    shutil.copytree(llama, unknown)
+    (unknown / "config.json").write_text(json.dumps({"model_type": "mamba", "architectures": ["MambaForCausalLM"]}))
+    out["unknown arch"] = (unknown, "unknown architecture 'mamba'; supported model types: gpt2, llama")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(llama, corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\x00garbage" * 100)
+    out["corrupt"] = (corrupt, "corrupt or truncated safetensors file")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(llama, truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    out["truncated"] = (truncated, "corrupt or truncated safetensors file")
+    binonly = tmp_path / "binonly"
+    shutil.copytree(llama, binonly)
+    torch.save(load_file(binonly / "model.safetensors"), binonly / "pytorch_model.bin")
+    (binonly / "model.safetensors").unlink()
+    out["bin only"] = (binonly, "has only PyTorch pickle weights")
+    spm = tmp_path / "spm"
+    shutil.copytree(llama, spm)
+    (spm / "tokenizer.json").unlink()
+    (spm / "tokenizer.model").write_bytes(b"sentencepiece")
+    out["sentencepiece only"] = (spm, "only a sentencepiece tokenizer.model")
+    noconf = tmp_path / "noconf"
+    shutil.copytree(llama, noconf)
+    (noconf / "config.json").unlink()
+    out["no config"] = (noconf, "no config.json in")
+    missing = tmp_path / "missing"
+    shutil.copytree(llama, missing)
+    rewrite(missing, lambda sd: sd.pop("model.layers.1.self_attn.k_proj.weight"))
+    out["missing tensor"] = (missing, "only 128 of 192 rows filled for parameter 'layers.1.attn.qkv.weight'")
+    missing2 = tmp_path / "missing2"
+    shutil.copytree(llama, missing2)
+    rewrite(missing2, lambda sd: sd.pop("model.norm.weight"))
+    out["missing whole"] = (missing2, "missing parameter 'norm.weight'")
+    extra = tmp_path / "extra"
+    shutil.copytree(llama, extra)
+    rewrite(extra, lambda sd: sd.update({"model.layers.0.self_attn.extra.weight": torch.zeros(2)}))
+    out["unexpected tensor"] = (extra, "unexpected tensor 'model.layers.0.self_attn.extra.weight'")
+    shape = tmp_path / "shape"
+    shutil.copytree(llama, shape)
+    rewrite(shape, lambda sd: sd.update({"model.layers.0.mlp.down_proj.weight": torch.zeros(64, 100)}))
+    out["misshaped"] = (shape, "tensor 'model.layers.0.mlp.down_proj.weight' has shape (64, 100), expected (64, 128)")
+    return out
+
+
+def test_each_bad_input_has_a_clear_error(tmp_path, llama):
+    for name, (src, fragment) in cases(tmp_path, llama).items():
+        with pytest.raises(LoadError) as e:
+            minillm.load(src, device="cpu")
+        assert fragment in str(e.value), name
+        assert "\n" not in str(e.value), name
+
+
+def test_cli_bad_inputs_exit_nonzero_with_one_line(tmp_path, llama):
+    picked = cases(tmp_path, llama)
+    for name in ["missing folder", "unknown arch", "truncated", "bin only", "sentencepiece only", "misshaped"]:
+        src, fragment = picked[name]
+        r = run_cli("generate", "-m", str(src), "hi", "-n", "2")
+        assert r.returncode != 0, name
+        assert "Traceback" not in r.stderr and fragment in r.stderr, (name, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, (name, r.stderr)
+
+
+def test_cli_prompt_too_long_is_a_clear_error(llama):
+    r = run_cli("generate", "-m", str(llama), "import os " * 200, "-n", "2")
+    assert r.returncode != 0 and "exceeds the model's context of 256" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_dtype_and_backend(llama):
+    with pytest.raises(LoadError, match="unknown dtype 'float8'"):
+        minillm.load(llama, device="cpu", dtype="float8")
+    with pytest.raises(LoadError, match="unknown backend 'cuda'"):
+        minillm.load(llama, device="cpu", backend="cuda")

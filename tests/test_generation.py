@@ -1,0 +1,96 @@
+"""Sampling semantics (against transformers' own processors), seeds, stop strings, eos, limits."""
+import json
+
+import pytest
+import torch
+
+import minillm
+from minillm.generate import Sampling, next_tokens
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoints):
+    return minillm.load(checkpoints["llama-gqa-tied-llama3"], device="cpu")
+
+
+def test_processors_match_transformers():
+    from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+                                                        TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+    torch.manual_seed(0)
+    logits, seen = torch.randn(3, 50) * 3, torch.randint(0, 50, (3, 7))
+    s = Sampling(temperature=0.7, top_k=20, top_p=0.8, min_p=0.05, repetition_penalty=1.3)
+    ref = RepetitionPenaltyLogitsProcessor(1.3)(seen, logits.clone())
+    for warp in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.8), MinPLogitsWarper(0.05)):
+        ref = warp(seen, ref)
+    # the same distribution: sample many times with one seed each and compare the token sets
+    ours = {next_tokens(logits, s, seen, torch.Generator().manual_seed(i))[0].item() for i in range(400)}
+    allowed = set(torch.nonzero(ref[0] > float("-inf")).flatten().tolist())
+    assert ours <= allowed and len(ours) >= min(len(allowed), 2)
+    greedy = next_tokens(logits, Sampling(repetition_penalty=1.3), seen, None)
+    assert torch.equal(greedy, RepetitionPenaltyLogitsProcessor(1.3)(seen, logits.clone()).argmax(-1))
+
+
+def test_seed_reproducible_and_seeds_differ(llm):
+    a = llm.generate("def ", max_new_tokens=20, temperature=1.0, seed=7)
+    b = llm.generate("def ", max_new_tokens=20, temperature=1.0, seed=7)
+    others = {tuple(llm.generate("def ", max_new_tokens=20, temperature=1.0, seed=s).token_ids) for s in range(5)}
+    assert a.token_ids == b.token_ids and len(others) > 1
+
+
+def test_top_k_one_is_greedy(llm):
+    assert (llm.generate("import os", max_new_tokens=10, temperature=1.5, top_k=1, seed=3).token_ids
+            == llm.generate("import os", max_new_tokens=10, temperature=0).token_ids)
+
+
+def test_stop_string_and_stream(llm):
+    full = llm.generate("def fibonacci(n):", max_new_tokens=24, temperature=0)
+    assert full.finish_reason == "length" and len(full.text) > 6
+    stop = full.text[3:6]
+    cut = llm.generate("def fibonacci(n):", max_new_tokens=24, temperature=0, stop=[stop, "@@@"])
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(stop)]
+    pieces = list(llm.stream("def fibonacci(n):", max_new_tokens=24, temperature=0, stop=stop))
+    assert "".join(pieces) == cut.text
+    assert "".join(llm.stream("def fibonacci(n):", max_new_tokens=24, temperature=0)) == full.text
+    assert len(list(llm.stream("def fibonacci(n):", max_new_tokens=24, temperature=0))) > 3
+
+
+def test_eos_stops_generation(llm):
+    # make the eos the greedy choice at the first step by treating that token as eos
+    first = llm.generate("import os", max_new_tokens=5, temperature=0).token_ids[0]
+    llm.eos_token_ids, saved = [first], llm.eos_token_ids
+    try:
+        r = llm.generate("import os", max_new_tokens=5, temperature=0)
+    finally:
+        llm.eos_token_ids = saved
+    assert r.finish_reason == "eos" and r.token_ids == [first] and r.text == ""
+
+
+def test_prompt_forms(llm):
+    ids = llm.tokenizer.encode("import os")
+    one = llm.generate(ids, max_new_tokens=4, temperature=0)       # list[int]: one prompt
+    assert isinstance(one, minillm.GenerationResult)
+    two = llm.generate(["import os", ids], max_new_tokens=4, temperature=0)
+    assert [r.token_ids for r in two] == [one.token_ids] * 2
+
+
+def test_context_limits(llm):
+    n = llm.config.max_position
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        llm.generate([5] * (n + 1), max_new_tokens=2)
+    r = llm.generate([5] * (n - 3), max_new_tokens=10, temperature=0)
+    assert r.finish_reason == "length" and len(r.token_ids) == 3
+
+
+def test_generation_config_defaults(checkpoints, tmp_path):
+    import shutil
+    shutil.copytree(checkpoints["llama-mha"], tmp_path / "m")
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.9, "top_k": 5, "eos_token_id": [2, 3]}))
+    llm = minillm.load(tmp_path / "m", device="cpu")
+    assert llm._settings(None, None, None, None, None) == Sampling(0.9, 5, None, None, None)
+    assert llm._settings(0, None, None, None, None).temperature == 0.0
+    assert llm.eos_token_ids == [2, 3]
+    a = llm.generate("def ", max_new_tokens=12, seed=1)
+    b = llm.generate("def ", max_new_tokens=12, seed=1)
+    assert a.token_ids == b.token_ids

@@ -1,0 +1,113 @@
+"""Every architecture variant against transformers: logits, cached decoding, greedy generation."""
+import pytest
+import torch
+from conftest import ARCHS, VOCAB
+
+import minillm
+
+
+def ids_for(seed, B=2, T=37):
+    return torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def llms(checkpoints):
+    return {name: minillm.load(path, device="cpu") for name, path in checkpoints.items()}
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_logits_match_transformers(name, llms, checkpoints, reference):
+    ids = ids_for(0)
+    with torch.no_grad():
+        ref = reference(checkpoints[name])(ids).logits
+    ours = llms[name].logits(ids)
+    assert ours.shape == ref.shape and ours.dtype == torch.float32
+    assert (ours - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_cached_decode_equals_full_forward(name, llms):
+    llm = llms[name]
+    ids = ids_for(1, B=2, T=20)
+    full = llm.logits(ids)
+    model = llm.model
+    cache = model.new_cache(2, 32)
+    with torch.inference_mode():
+        rows = [model(ids[:, :8], 0, cache)]                    # prefill 8
+        rows.append(model(ids[:, 8:13], 8, cache))              # a second chunk on top of the cache
+        for t in range(13, 20):                                 # then one token at a time
+            rows.append(model(ids[:, t:t + 1], t, cache))
+    cached = torch.cat(rows, 1).float()
+    assert (cached - full).abs().max() <= 1e-4 * max(1.0, full.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_greedy_generation_matches_transformers(name, llms, checkpoints, reference):
+    llm = llms[name]
+    prompt = llm.tokenizer.encode("def fibonacci(n):")
+    ref = reference(checkpoints[name]).generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)
+    expected = ref[0, len(prompt):].tolist()
+    result = llm.generate(prompt, max_new_tokens=24, temperature=0)
+    assert result.token_ids == expected
+    assert result.finish_reason == ("eos" if expected[-1] in llm.eos_token_ids else "length")
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-tied-llama3", "qwen3", "gpt2"])
+def test_batch_of_unequal_prompts_equals_one_by_one(name, llms):
+    llm = llms[name]
+    prompts = ["def fibonacci(n):", "The quick brown fox jumps", "import os"]
+    batch = llm.generate(prompts, max_new_tokens=12, temperature=0)
+    for prompt, got in zip(prompts, batch):
+        alone = llm.generate(prompt, max_new_tokens=12, temperature=0)
+        assert got.token_ids == alone.token_ids and got.text == alone.text
+
+
+def test_bf16_run_close_to_transformers_bf16(checkpoints):
+    from transformers import AutoModelForCausalLM
+    path = checkpoints["llama-bf16"]
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    llm = minillm.load(path, device="cpu", dtype="bfloat16")
+    assert llm.dtype == torch.bfloat16
+    ids = ids_for(2)
+    with torch.no_grad():
+        r = ref(ids).logits.float()
+    o = llm.logits(ids)
+    assert (o - r).abs().max() <= 0.05 * r.abs().max()
+    assert (o.argmax(-1) == r.argmax(-1)).float().mean() > 0.95
+
+
+def test_default_dtype_is_float32_on_cpu_even_for_bf16_checkpoint(checkpoints):
+    assert minillm.load(checkpoints["llama-bf16"], device="cpu").dtype == torch.float32
+
+
+def test_fused_projections(llms):
+    attn = llms["llama-mha"].model.layers[0].attn
+    assert not hasattr(attn, "q") and attn.qkv.weight.shape == (3 * 64, 64)
+    assert llms["qwen3"].model.layers[0].attn.qkv.weight.shape == ((4 + 2 + 2) * 32, 64)
+    assert llms["llama-mha"].model.layers[0].mlp.gate_up.weight.shape == (256, 64)
+
+
+def test_tied_head_shares_storage(llms):
+    m = llms["qwen3"].model
+    assert m.head.weight.data_ptr() == m.embed.weight.data_ptr()
+    u = llms["qwen3-yarn-untied"].model
+    assert u.head.weight.data_ptr() != u.embed.weight.data_ptr()
+
+
+def test_gpt2_as_published_on_the_hub(checkpoints, reference, tmp_path):
+    """openai-community/gpt2's file: no `transformer.` prefix, no lm_head, mask buffers present."""
+    from safetensors.torch import load_file, save_file
+    src = checkpoints["gpt2"]
+    import shutil
+    shutil.copytree(src, tmp_path / "gpt2", ignore=shutil.ignore_patterns("*.safetensors"))
+    sd = load_file(src / "model.safetensors")
+    hub = {k.removeprefix("transformer."): v for k, v in sd.items() if k != "lm_head.weight"}
+    for i in range(2):
+        hub[f"h.{i}.attn.bias"] = torch.tril(torch.ones(256, 256)).view(1, 1, 256, 256)
+        hub[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(hub, tmp_path / "gpt2" / "model.safetensors", metadata={"format": "pt"})
+    ids = ids_for(3)
+    with torch.no_grad():
+        ref = reference(src)(ids).logits
+    ours = minillm.load(tmp_path / "gpt2", device="cpu").logits(ids)
+    assert (ours - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
