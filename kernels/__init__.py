@@ -1,5 +1,25 @@
-"""Triton kernels (landing separately)."""
+"""Triton attention kernels of minillm, each next to the torch reference it must match.
 
+    prefill_attention(q, k_cache, v_cache, start, scale)              FlashAttention-2 over the cache
+    decode_attention(q, k_cache, v_cache, kv_len, scale, num_splits)  flash-decoding (split-K)
+    mla_decode(q_latent, q_pe, c_kv, k_pe, kv_len, scale)            MLA decode on the latent cache
 
-def triton_available():
-    return False, "the Triton kernels are not part of this build yet"
+Importing this package never needs triton: the references are plain torch, and the
+launchers raise a clear error if called without it. `triton_available()` tells whether the
+kernels can run here (CUDA, or CPU tensors under TRITON_INTERPRET=1).
+"""
+
+from ._common import triton_available
+from .decode import decode_attention, decode_attention_ref
+from .mla_decode import mla_decode, mla_decode_ref
+from .prefill import prefill_attention, prefill_attention_ref
+
+__all__ = [
+    "triton_available",
+    "prefill_attention",
+    "prefill_attention_ref",
+    "decode_attention",
+    "decode_attention_ref",
+    "mla_decode",
+    "mla_decode_ref",
+]

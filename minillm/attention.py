@@ -59,9 +59,15 @@ class Step:
         kv = self.write(layer, k=k, v=v)
         k, v = kv["k"], kv["v"]
         if self.backend == "triton":
-            from . import kernels_bridge
-            return kernels_bridge.attend(self, q, k, v, scale)
+            return triton_attention(q, k, v, scale, self)
         return sdpa(q, k, v, scale, self)
+
+
+def triton_attention(q, k, v, scale, step: Step) -> torch.Tensor:
+    from minillm import kernels
+    if step.T == 1 and step.cache is not None:   # decoding: flash-decoding over the cache
+        return kernels.decode_attention(q[:, 0], k, v, step.start_t + 1, scale)[:, None]
+    return kernels.prefill_attention(q, k, v, step.start_t, scale)   # FlashAttention-2
 
 
 def sdpa(q, k, v, scale, step: Step) -> torch.Tensor:
