@@ -28,7 +28,10 @@ class LoadError(Exception):
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.txt"]
+# what a hub download fetches first: never .bin/.pth/.gguf duplicates of the weights
+HUB_META = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json", "tokenizer.model", "model.safetensors.index.json",
+            "pytorch_model.bin.index.json"]
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -55,7 +58,12 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError)
     try:
-        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+        path = Path(snapshot_download(name, allow_patterns=HUB_META))
+        # then only the weights the checkpoint uses: the index's shards, else top-level safetensors
+        index = path / "model.safetensors.index.json"
+        shards = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+                  else ["*.safetensors"])
+        return Path(snapshot_download(name, allow_patterns=shards, ignore_patterns=["*/*"]))
     except (GatedRepoError, RepositoryNotFoundError) as e:
         raise LoadError(f"no folder {name!r} here and no accessible hub model of that name "
                         f"({type(e).__name__})") from None
@@ -86,9 +94,10 @@ def weight_files(path: Path) -> list[Path]:
         if missing:
             raise LoadError(f"{index.name} lists {missing[0]}, which is not in {path}")
         return [path / s for s in shards]
-    files = sorted(path.glob("*.safetensors"))
+    single = path / "model.safetensors"   # preferred over other top-level files (e.g. consolidated.*)
+    files = [single] if single.exists() else sorted(path.glob("*.safetensors"))
     if not files:
-        if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
+        if any(path.glob("*.bin")) or any(path.glob("*.pt*")) or (path / "pytorch_model.bin.index.json").exists():
             raise LoadError(f"{path} has only PyTorch pickle weights (.bin/.pt); minillm reads "
                             "safetensors (convert them: save_pretrained(..., safe_serialization=True))")
         raise LoadError(f"no *.safetensors weights in {path}")
