@@ -24,6 +24,7 @@ class Target:
     param: str                                    # core parameter name
     rows: tuple[int, int] | None = None           # [start, stop) along dim 0, for fused params
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    index: int | None = None                      # param[index] (one of stacked experts); rows within it
 
 
 def rope_settings(hf: dict) -> tuple[float, dict | None]:
@@ -53,14 +54,9 @@ def fused_rows(sizes: tuple[int, ...], index: int) -> tuple[int, int]:
     return start, start + sizes[index]
 
 
-from . import gpt2, llama, qwen3  # noqa: E402  (the registry below needs the helpers above)
+from . import deepseek, gpt2, llama, qwen3  # noqa: E402  (the registry below needs the helpers above)
 
-ADAPTERS = [gpt2, llama, qwen3]
-try:   # DeepSeek lands separately; the registry lists whatever is present
-    from . import deepseek  # noqa: E402
-    ADAPTERS.append(deepseek)
-except ImportError:
-    pass
+ADAPTERS = [gpt2, llama, qwen3, deepseek]
 
 
 def supported() -> list[str]:

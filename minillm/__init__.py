@@ -6,7 +6,9 @@
 """
 from .api import DEFAULT_MODEL, LLM, GenerationResult, load
 from .config import Config
+from .info import info
 from .loader import LoadError
+from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
-__all__ = ["load", "LLM", "GenerationResult", "Config", "LoadError", "DEFAULT_MODEL"]
+__all__ = ["load", "LLM", "GenerationResult", "Config", "LoadError", "DEFAULT_MODEL", "verify", "VerifyReport", "info"]

@@ -19,14 +19,18 @@ def fail(msg: str, code: int = 1):
     sys.exit(code)
 
 
-def friendly(fn):
-    """Turn expected failures into one clear line and a non-zero exit."""
+def friendly(fn=None, *, code: int = 1):
+    """Turn expected failures into one clear line and a non-zero exit (`code`; verify uses 2,
+    keeping 1 for its verdict). Use as @friendly or @friendly(code=2)."""
+    if fn is None:
+        return functools.partial(friendly, code=code)
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except EXPECTED as e:
-            fail(str(e) or type(e).__name__)
+            fail(str(e) or type(e).__name__, code)
         except KeyboardInterrupt:
             fail("interrupted", 130)
     return wrapper
@@ -75,6 +79,68 @@ def generate(model, device, dtype, backend, prompt, max_new_tokens, temperature,
         out.write(piece)
         out.flush()
     out.write("\n")
+
+
+@main.command()
+@model_options
+@click.option("--prompt", "prompt_texts", multiple=True,
+              help="A prompt (repeatable; default: a built-in varied set).")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
+              help="A file of prompts: a JSON list of strings if it ends in .json, else one per line.")
+@click.option("--new-tokens", default=16, show_default=True, type=int, help="Greedy tokens compared per prompt.")
+@click.option("--reference", default="transformers", show_default=True,
+              help="'transformers' (same checkpoint, float32) or a .safetensors file of input_ids.K / logits.K.")
+@click.option("--save", type=click.Path(dir_okay=False),
+              help="Write the reference's logits to this .safetensors file.")
+@click.option("--tol", default=1e-4, show_default=True, type=float,
+              help="fp32: pass when max|diff| <= tol x max(1, max|reference logit|).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@friendly(code=2)
+def verify(model, device, dtype, backend, prompt_texts, prompts_file, new_tokens, reference, save, tol, as_json):
+    """Check minillm's logits against a reference. Exit 0: pass, 1: fail, 2: error."""
+    import json
+    from pathlib import Path
+
+    from .verify import format_report
+    from .verify import verify as run_verify
+    prompts = list(prompt_texts) or None
+    if prompts_file:
+        text = Path(prompts_file).read_text()
+        if prompts_file.endswith(".json"):
+            extra = json.loads(text)
+        else:
+            extra = [p for p in text.splitlines() if p.strip()]
+        if not isinstance(extra, list) or not extra:
+            raise ValueError(f"{prompts_file}: expected a non-empty list of prompts")
+        prompts = (prompts or []) + extra
+    try:
+        rep = run_verify(model, prompts=prompts, new_tokens=new_tokens, dtype=dtype, device=device,
+                         backend=backend, reference=reference, tol=tol, save=save)
+    except EXPECTED:
+        raise
+    except Exception:   # a crash must not read as a verdict (exit 1): show it, exit 2
+        import traceback
+        traceback.print_exc()
+        sys.exit(2)
+    click.echo(json.dumps(rep.to_dict()) if as_json else format_report(rep))
+    sys.exit(0 if rep.passed else 1)
+
+
+@main.command()
+@model_options
+@click.option("--memory", default=None, help="e.g. 24GiB: the longest context (and batch x context) whose "
+                                             "weights + KV cache fit (activations not counted).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@friendly
+def info(model, device, dtype, backend, memory, as_json):
+    """Architecture, parameters, weight bytes and KV cache bytes per token, from config.json and
+    safetensors headers (a hub id's weights are not downloaded)."""
+    import json
+
+    from .info import format_info
+    from .info import info as run_info
+    d = run_info(model, dtype=dtype, memory=memory, device=device, backend=backend)
+    click.echo(json.dumps(d) if as_json else format_info(d))
 
 
 if __name__ == "__main__":

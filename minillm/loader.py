@@ -117,16 +117,28 @@ def build(cfg: Config, device, dtype) -> Decoder:
     """A Decoder whose parameters are allocated but not initialised (they are about to be filled)."""
     with torch.device("meta"):
         model = Decoder(cfg).to(dtype)
+        for m in model.modules():   # what a module keeps in fp32 whatever the dtype (a router's bias)
+            for p in getattr(m, "fp32_params", ()):
+                if hasattr(m, p):
+                    setattr(m, p, torch.nn.Parameter(getattr(m, p).float()))
     model.to_empty(device=device)
     model.reset_buffers()
     return model.eval().requires_grad_(False)
 
 
-def load_weights(model: Decoder, adapter, files: list[Path], progress: bool | None = None):
+def load_weights(model: Decoder, adapter, files: list[Path], progress: bool | None = None,
+                 fp8_block: tuple[int, int] | None = None):
+    """fp8_block: the checkpoint's FP8 block size (quantization_config.weight_block_size): each
+    float8 `X.weight` is dequantised with its `X.weight_scale_inv`, which may sit in another shard."""
     cfg = model.cfg
     params = dict(model.named_parameters(remove_duplicate=True))
-    filled = {name: 0 for name in params}           # rows filled so far
-    seen: set[tuple[str, tuple | None]] = set()
+    filled = {name: 0 for name in params}           # values filled so far
+    seen: set[tuple] = set()
+    where = {}                                      # tensor name -> file, to find a weight's scale
+    if fp8_block:
+        for file in files:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                where.update(dict.fromkeys(f.keys(), file))
     total = sum(f.stat().st_size for f in files)
     if progress is None:   # a bar only when loading takes more than a moment
         progress = total > 256 * 2**20 and sys.stderr.isatty()
@@ -138,6 +150,8 @@ def load_weights(model: Decoder, adapter, files: list[Path], progress: bool | No
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in f.keys():
+                    if name.endswith("_scale_inv") and name.removesuffix("_scale_inv") in where:
+                        continue                    # read with its weight, below
                     dests = adapter.targets(name, cfg)
                     if dests == archs.IGNORE:
                         continue
@@ -145,9 +159,10 @@ def load_weights(model: Decoder, adapter, files: list[Path], progress: bool | No
                         raise LoadError(f"unexpected tensor {name!r} in {file.name}: "
                                         f"the {cfg.arch} model has no place for it")
                     t = f.get_tensor(name)
+                    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) or name + "_scale_inv" in where:
+                        t = dequantize_fp8(t, _read(where, name + "_scale_inv", f, file), fp8_block, name)
                     for d in dests:
-                        _fill(params[d.param], d, t, name, seen)
-                        filled[d.param] += (d.rows[1] - d.rows[0]) if d.rows else params[d.param].shape[0]
+                        filled[d.param] += _fill(params[d.param], d, t, name, seen)
                     if bar:
                         bar.update(t.numel() * t.element_size())
         except SafetensorError as e:
@@ -155,25 +170,54 @@ def load_weights(model: Decoder, adapter, files: list[Path], progress: bool | No
     if bar:
         bar.close()
     for name, p in params.items():
-        if filled[name] != p.shape[0]:
-            what = "missing" if filled[name] == 0 else f"only {filled[name]} of {p.shape[0]} rows filled for"
+        if filled[name] != p.numel():
+            rows = filled[name] / (p.numel() // p.shape[0])
+            what = "missing" if filled[name] == 0 else f"only {rows:g} of {p.shape[0]} rows filled for"
             raise LoadError(f"{what} parameter {name!r}: no checkpoint tensor maps to it"
                             if filled[name] == 0 else f"{what} parameter {name!r}")
 
 
-def _fill(param: torch.Tensor, d: archs.Target, t: torch.Tensor, name: str, seen: set):
-    key = (d.param, d.rows)
+def _read(where: dict, name: str, f, file: Path) -> torch.Tensor | None:
+    if name not in where:
+        return None
+    if where[name] == file:
+        return f.get_tensor(name)
+    with safe_open(where[name], framework="pt", device="cpu") as g:
+        return g.get_tensor(name)
+
+
+def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor | None, block, name: str) -> torch.Tensor:
+    """Block-wise FP8 (DeepSeek-V3): w = fp8 * scale_inv, one float32 scale per block of
+    block[0] x block[1] values; the blocks at the right and bottom edges may be partial."""
+    if not block or scale_inv is None or w.dim() != 2:
+        why = ("config.json has no quantization_config.weight_block_size" if not block
+               else "it has no weight_scale_inv" if scale_inv is None else f"it is {w.dim()}-D")
+        raise LoadError(f"cannot dequantise {w.dtype} tensor {name!r}: {why}")
+    (bo, bi), (rows, cols) = block, w.shape
+    if tuple(scale_inv.shape) != (-(-rows // bo), -(-cols // bi)):
+        raise LoadError(f"{name}_scale_inv has shape {tuple(scale_inv.shape)}, expected one scale per "
+                        f"{bo}x{bi} block of {tuple(w.shape)}")
+    scale = scale_inv.float().repeat_interleave(bo, 0)[:rows].repeat_interleave(bi, 1)[:, :cols]
+    return w.float() * scale                      # (rows, cols) fp32; the copy into the model casts
+
+
+def _fill(param: torch.Tensor, d: archs.Target, t: torch.Tensor, name: str, seen: set) -> int:
+    """Copy t into its destination; -> the number of values filled."""
+    key = (d.param, d.index, d.rows)
     if key in seen:
-        raise LoadError(f"tensor {name!r} fills {d.param} rows {d.rows}, already filled")
+        at = d.param if d.index is None else f"{d.param}[{d.index}]"
+        raise LoadError(f"tensor {name!r} fills {at} rows {d.rows}, already filled")
     seen.add(key)
     if d.transform is not None:
         t = d.transform(t)
-    dest = param[d.rows[0]:d.rows[1]] if d.rows else param
+    dest = param if d.index is None else param[d.index]
+    dest = dest[d.rows[0]:d.rows[1]] if d.rows else dest
     if tuple(t.shape) != tuple(dest.shape):
         raise LoadError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(dest.shape)} "
                         f"for {d.param}")
     with torch.no_grad():
         dest.copy_(t)   # converts dtype and device on the way; the mmapped source is not kept
+    return dest.numel()
 
 
 def load_model(path: Path, device: torch.device, dtype: torch.dtype | None, progress=None):
@@ -183,6 +227,10 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype | None, prog
     files = weight_files(path)
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" else DTYPES.get(cfg.torch_dtype or "", torch.float32)
+    quant = hf.get("quantization_config")
+    if quant and (quant.get("quant_method") != "fp8" or len(quant.get("weight_block_size") or ()) != 2):
+        raise LoadError(f"config.json: unsupported quantization {quant.get('quant_method')!r} "
+                        "(supported: fp8 with a 2-D weight_block_size, as DeepSeek-V3)")
     model = build(cfg, device, dtype)
-    load_weights(model, adapter, files, progress)
+    load_weights(model, adapter, files, progress, tuple(quant["weight_block_size"]) if quant else None)
     return model, hf

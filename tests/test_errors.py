@@ -31,7 +31,7 @@ def cases(tmp_path, llama):
     unknown = tmp_path / "unknown"
     shutil.copytree(llama, unknown)
     (unknown / "config.json").write_text(json.dumps({"model_type": "mamba", "architectures": ["MambaForCausalLM"]}))
-    out["unknown arch"] = (unknown, "unknown architecture 'mamba'; supported model types: gpt2, llama")
+    out["unknown arch"] = (unknown, "unknown architecture 'mamba'; supported model types: deepseek_v2, deepseek_v3, gpt2, llama")
     corrupt = tmp_path / "corrupt"
     shutil.copytree(llama, corrupt)
     (corrupt / "model.safetensors").write_bytes(b"\x00garbage" * 100)
