@@ -71,12 +71,21 @@ def triton_attention(q, k, v, scale, step: Step) -> torch.Tensor:
 
 
 def sdpa(q, k, v, scale, step: Step) -> torch.Tensor:
+    dtype = q.dtype
+    if step.T == 1 and q.device.type == "cpu" and dtype != torch.float32:
+        # one query per sequence: torch's CPU flash kernel runs ~5x slower in bf16/fp16 than in
+        # fp32 here (it is built for blocks of queries), and the K/V rows are few: upcast them
+        q, k, v = q.float(), k.float(), v.float()
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)      # (B, H, T|S, D)
     gqa = q.shape[1] != k.shape[1]
     if step.uniform and step.start == 0:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=step.T > 1, scale=scale, enable_gqa=gqa)
-    elif step.uniform and step.T == 1:   # decoding: the one new token sees the whole cache
-        o = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    elif step.uniform and step.T == 1:   # decoding: the one new token sees the whole cache, so the
+        # G query heads sharing a kv head can stand in for G query positions: one unmasked
+        # (B, Hkv, G, D) x (B, Hkv, S, D) attention, no GQA broadcast (~1.5x faster on CPU)
+        B, H, _, D = q.shape
+        o = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], -1, D), k, v, scale=scale)
+        o = o.reshape(B, H, 1, -1)                                           # (B, H, 1, Dv)
     else:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask(), scale=scale, enable_gqa=gqa)
-    return o.transpose(1, 2)                                                 # (B, T, H, Dv)
+    return o.transpose(1, 2).to(dtype)                                       # (B, T, H, Dv)

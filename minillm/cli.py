@@ -143,5 +143,55 @@ def info(model, device, dtype, backend, memory, as_json):
     click.echo(json.dumps(d) if as_json else format_info(d))
 
 
+def _ints(ctx, param, value: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise click.BadParameter(f"{value!r}: expected positive integers separated by commas")
+    return out
+
+
+@main.command()
+@model_options
+@click.option("--random", "shape", default=None,
+              help="Bench a random-weight checkpoint of a named shape instead of -m (tiny, llama-125m, "
+                   "deepseek-moe); built once with transformers, cached in ~/.cache/minillm.")
+@click.option("--prompt-len", default="128,512", show_default=True, callback=_ints)
+@click.option("--new-tokens", default=64, show_default=True, type=int)
+@click.option("--batch", default="1,8", show_default=True, callback=_ints,
+              help="Batch 1 runs at every prompt length, larger batches at the shortest.")
+@click.option("--compare", type=click.Choice(["transformers"]), default=None,
+              help="Also run transformers on the same checkpoint and prompts, interleaved.")
+@click.option("--repeat", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--threads", default=None, type=click.IntRange(1), help="Torch threads for both systems "
+                                                                      "(default: torch's, one per core).")
+@click.option("--cold-start/--no-cold-start", default=True, show_default=True,
+              help="Also time `minillm generate` (and a minimal transformers script) from process start.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@friendly
+def bench(model, device, dtype, backend, shape, prompt_len, new_tokens, batch, compare, repeat, threads,
+          cold_start, as_json):
+    """Load time, prefill, time to first token, decode and batched decode speed, memory and the
+    memory-bandwidth roof; with --compare, side by side with transformers."""
+    import json
+
+    from .api import DEFAULT_MODEL
+    from .bench import bench as run_bench
+    from .bench import random_checkpoint, report
+    from .loader import resolve
+    if shape and model:
+        raise ValueError("give -m MODEL or --random SHAPE, not both")
+    if not (shape or model or DEFAULT_MODEL.exists()):
+        raise LoadError("this install has no embedded default model: give -m MODEL or --random SHAPE")
+    path = random_checkpoint(shape) if shape else resolve(model or DEFAULT_MODEL)
+    log = (lambda msg: None) if as_json else (lambda msg: click.echo(f"# {msg}", err=True))
+    out = run_bench(path, device=device, dtype=dtype, backend=backend, prompt_lens=prompt_len,
+                    new_tokens=new_tokens, batches=batch, compare=compare, repeat=repeat, threads=threads,
+                    cold_start=cold_start, log=log)
+    click.echo(json.dumps(out) if as_json else report(out))
+
+
 if __name__ == "__main__":
     main()

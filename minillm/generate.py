@@ -117,7 +117,8 @@ def run(model: Decoder, tokenizer: Tokenizer | None, prompts: list[list[int]], m
     lengths = torch.tensor(lens, device=device)
     logits = model(ids, 0, cache, last=lengths - 1)                  # (B, V)
     pos = lengths.clone()                                             # where each next token goes
-    for _ in range(budget):
+    uniform = B == 1 or len(set(lens)) == 1       # one shared position: an int start
+    for step in range(budget):
         seen = _seen(seqs, device) if sampling.repetition_penalty else None
         tok = next_tokens(logits, sampling, seen, gen)
         for s, t in zip(seqs, tok.tolist()):
@@ -125,10 +126,10 @@ def run(model: Decoder, tokenizer: Tokenizer | None, prompts: list[list[int]], m
                 s.add(t, eos)
                 if s.finish_reason is None and len(s.prompt) + len(s.tokens) >= cfg.max_position:
                     s.finish("length")
-        if all(s.finish_reason for s in seqs):
+        if all(s.finish_reason for s in seqs) or step == budget - 1:   # no forward for unused logits
             break
         yield seqs
-        start = int(pos[0]) if B == 1 or len(set(lens)) == 1 else pos
+        start = int(pos[0]) if uniform else pos
         logits = model(tok[:, None], start, cache)[:, -1]
         pos += 1
     for s in seqs:

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from minillm import archs
 
+from . import cpu
 from .config import Config
 from .model import Decoder
 
@@ -113,17 +115,55 @@ def to_config(hf: dict) -> tuple[Config, object]:
         raise LoadError(f"config.json: {msg}") from None
 
 
+@contextmanager
+def _no_init():
+    """Module constructors initialise their parameters, which is wasted on ones about to be filled;
+    worse, nn.init.normal_ on the meta device runs through torch._refs, whose first call imports
+    torch._dynamo: 1.5 s of every cold start. So the init functions do nothing while we build."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
+
+
 def build(cfg: Config, device, dtype) -> Decoder:
     """A Decoder whose parameters are allocated but not initialised (they are about to be filled)."""
-    with torch.device("meta"):
+    on_cpu = torch.device(device).type == "cpu"
+    plan = cpu.PLANS[cpu.plan(dtype)] if on_cpu else None   # the measured fastest matmul layout/library
+    with torch.device("meta"), _no_init():
         model = Decoder(cfg).to(dtype)
         for m in model.modules():   # what a module keeps in fp32 whatever the dtype (a router's bias)
             for p in getattr(m, "fp32_params", ()):
                 if hasattr(m, p):
                     setattr(m, p, torch.nn.Parameter(getattr(m, p).float()))
-    model.to_empty(device=device)
+        if plan:
+            model.set_cpu_plan(*plan)
+    allocate(model, device)
     model.reset_buffers()
     return model.eval().requires_grad_(False)
+
+
+def allocate(model: Decoder, device):
+    """model.to_empty(device), minus its meta-device empty_like (whose first call imports sympy:
+    0.3 s of a cold start). On CPU every parameter and buffer becomes a view into one allocation,
+    in module order (the order decode streams them) and in 2 MiB pages (cpu.huge_pages)."""
+    if torch.device(device).type != "cpu":
+        model._apply(lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device))
+        return
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}   # a tied one once
+    nbytes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
+    padded = {k: -(-n // 64) * 64 for k, n in nbytes.items()}               # 64-byte aligned
+    arena = torch.empty(sum(padded.values()) + cpu.HUGE_PAGE, dtype=torch.uint8)
+    at, views = cpu.huge_pages(arena), {}
+    for k, t in tensors.items():
+        views[k] = arena[at:at + nbytes[k]].view(t.dtype).as_strided(t.shape, t.stride())
+        at += padded[k]
+    model._apply(lambda t: views[id(t)])
 
 
 def load_weights(model: Decoder, adapter, files: list[Path], progress: bool | None = None,

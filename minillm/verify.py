@@ -13,6 +13,7 @@ a bf16 transformers run sits at the same distance from it as ours should).
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import sys
@@ -163,7 +164,7 @@ def transformers_reference(llm: LLM, prompts: list[tuple[list[int], str | None]]
     finally:
         if bar and not hf_logging.is_progress_bar_enabled():
             hf_logging.enable_progress_bar()
-    eos, out = set(llm.eos_token_ids), []
+    eos, out, kw = set(llm.eos_token_ids), [], hf_cache_name(ref)
     with torch.no_grad():   # not inference_mode: transformers' forward runs ~10x slower under it (5.23, CPU)
         for ids, text in prompts:
             n = min(new_tokens, llm.config.max_position - len(ids))
@@ -174,11 +175,16 @@ def transformers_reference(llm: LLM, prompts: list[tuple[list[int], str | None]]
                 seq.append(t)
                 if t in eos or len(seq) == len(ids) + n:
                     break
-                step = ref(torch.tensor([[t]], device=device), past_key_values=step.past_key_values,
-                           use_cache=True)
+                step = ref(torch.tensor([[t]], device=device), use_cache=True, **{kw: getattr(step, kw)})
             logits = ref(torch.tensor([seq], device=device)).logits[0].float().cpu()   # (T, V)
             out.append(Reference(seq, len(ids), logits, text))
     return out
+
+
+def hf_cache_name(model) -> str:
+    """transformers 5.24 renamed the KV cache argument and output field `past_key_values` -> `cache`
+    (the old name still works, with a warning); use whichever this version's forward takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def save_reference(refs: list[Reference], path, model: str = ""):

@@ -1,0 +1,161 @@
+"""How the Linear layers should multiply on this CPU: measured once per machine, not assumed.
+
+Decode at batch 1 is a chain of matrix-vector products over weights that do not fit in cache, so
+it runs at whatever share of the memory bandwidth the kernel manages to use, and that depends on
+the weight's layout, the library and the CPU. MKL's gemv streams a W stored (in, out) (the x @ W
+case) faster than one stored (out, in) on some machines; on AMD, where MKL takes a generic path,
+oneDNN's brgemm is as fast at one row and ~2x faster at 8 rows and in prefill, at ~10 us more per
+call. So a plan is a weight layout plus a library for one row and one for more rows; the probe
+times each (layout, library) on M = 1 and M = 8 rows streamed through ~64 MB of weights (more than
+a last-level cache), for the dtype and thread count at hand, and the plan with the least total wins
+if it beats torch's default by 10% in two runs. The verdict is kept in MINILLM_CACHE/cpu-plans.json
+(keyed by CPU, torch version, dtype and threads); MINILLM_CPU_PLAN=<plan name> overrides it.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+PLANS = {  # name -> (weight layout, oneDNN for inputs of at least this many rows; 0: never)
+    "blas": ("out_in", 0),            # torch's default: F.linear on the (out, in) weight
+    "blas-t": ("in_out", 0),          # F.linear on a weight stored transposed: BLAS's x @ W case
+    "onednn": ("out_in", 1),          # torch.ops.mkldnn._linear_pointwise (oneDNN brgemm)
+    "blas+onednn": ("out_in", 2),     # one row on BLAS (less overhead per call), more on oneDNN
+    "blas-t+onednn": ("in_out", 2),
+}
+OUT, IN = 2048, 1024                # one probe matrix, the size of a small model's projection
+PROBE_BUDGET_S = 3.0
+
+
+def cache_root() -> Path:
+    root = os.environ.get("MINILLM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "minillm"
+    return Path(root).expanduser()
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+HUGE_PAGE = 2 << 20
+
+
+def huge_pages(t: torch.Tensor) -> int:
+    """Ask Linux to back `t`'s memory with 2 MiB pages (madvise MADV_HUGEPAGE; best effort) and
+    return the byte offset of its first 2 MiB boundary. Decode streams every weight once per
+    token; in 4 KiB pages each page costs a TLB miss and a stop of the hardware prefetcher, which
+    does not cross page boundaries. On llama-125m fp32 here, decode ran ~10% faster."""
+    start = -(-t.data_ptr() // HUGE_PAGE) * HUGE_PAGE
+    end = (t.data_ptr() + t.numel() * t.element_size()) // HUGE_PAGE * HUGE_PAGE
+    if sys.platform.startswith("linux") and t.device.type == "cpu" and end > start:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 14)   # MADV_HUGEPAGE
+        except (OSError, AttributeError):
+            pass
+    return start - t.data_ptr()
+
+
+def onednn_linear(x, w, b=None):
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+def onednn_works(dtype: torch.dtype) -> bool:
+    """oneDNN's CPU inner product takes fp32 and bf16 (fp16 only where the CPU has AVX512-FP16)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        onednn_linear(torch.ones(1, 16, dtype=dtype), torch.ones(16, 16, dtype=dtype))
+        return True
+    except RuntimeError:
+        return False
+
+
+@torch.inference_mode()
+def measure(dtype: torch.dtype, mbytes: int = 64, reps: int = 5, deadline: float = float("inf")) -> dict:
+    """Seconds per plan for M = 1 and M = 8 rows through `mbytes` of weights. Each product is timed
+    alone and its fastest of `reps` passes kept (a shared machine's preemptions only ever add
+    time), so a sum is what the plan costs when it gets the cores. {} past `deadline`."""
+    n = max(2, mbytes * 2**20 // (OUT * IN * torch.empty(0, dtype=dtype).element_size()))
+    buf = torch.empty(n, OUT, IN, dtype=dtype)
+    huge_pages(buf)                                                   # as the loader's weights
+    buf.fill_(0.01)
+    weights = {"out_in": list(buf),                                  # (OUT, IN), rows contiguous
+               "in_out": [b.view(IN, OUT).t() for b in buf]}         # (OUT, IN), columns contiguous
+    xs = {m: torch.full((m, IN), 0.5, dtype=dtype) for m in (1, 8)}
+    libs = {"blas": F.linear, **({"onednn": onednn_linear} if onednn_works(dtype) else {})}
+    best = {}                                                         # (layout, lib, M, i) -> s
+    for rep in range(reps + 1):                                       # the first pass warms up
+        if time.perf_counter() > deadline:
+            return {}
+        for layout, ws in weights.items():                            # interleaved: drifting load
+            for lib, linear in libs.items():                          # hurts every one alike
+                for m, x in xs.items():
+                    for i, w in enumerate(ws):                        # n matrices > cache: streamed
+                        t = time.perf_counter()
+                        linear(x, w)
+                        t = time.perf_counter() - t
+                        if rep:
+                            best[layout, lib, m, i] = min(best.get((layout, lib, m, i), t), t)
+    cost = lambda layout, lib, m: sum(best.get((layout, lib, m, i), float("inf")) for i in range(n))
+    out = {}
+    for name, (layout, rows) in PLANS.items():
+        one, many = ("onednn" if rows == 1 else "blas"), ("onednn" if rows else "blas")
+        if one in libs and many in libs:
+            out[name] = cost(layout, one, 1) + cost(layout, many, 8)
+    return out
+
+
+def plan(dtype: torch.dtype) -> str:
+    """The fastest plan for this dtype at the current thread count (measured once, then cached)."""
+    return _plan(dtype, torch.get_num_threads())
+
+
+@functools.cache
+def _plan(dtype: torch.dtype, threads: int) -> str:
+    forced = os.environ.get("MINILLM_CPU_PLAN")
+    if forced:
+        if forced not in PLANS:
+            raise ValueError(f"MINILLM_CPU_PLAN={forced!r}: choose from {', '.join(PLANS)}")
+        return forced if PLANS[forced][1] == 0 or onednn_works(dtype) else "blas"
+    key = f"{cpu_name()} | torch {torch.__version__} | {dtype} | {threads} threads"
+    file = cache_root() / "cpu-plans.json"
+    try:
+        known = json.loads(file.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known and known[key].get("plan") in PLANS:
+        return known[key]["plan"]
+    # ~0.6 s on an idle machine; far longer means the cores are busy and the timings say little
+    deadline = time.perf_counter() + PROBE_BUDGET_S
+    runs = measure(dtype, deadline=deadline), measure(dtype, deadline=deadline)
+    seconds = {p: min(r[p] for r in runs) for p in runs[0]} if all(runs) else {}
+    best = min(seconds, key=seconds.get) if seconds else "blas"
+    # leave torch's default only for a clear win in both runs: on a shared machine a preempted
+    # probe can make any plan look fast
+    if seconds and any(r[best] > 0.9 * r["blas"] for r in runs):
+        best = "blas"
+    known[key] = {"plan": best, "seconds": {p: round(s, 5) for p, s in seconds.items()}}
+    if not seconds:
+        known[key]["note"] = (f"probe ran over {PROBE_BUDGET_S} s (busy cores?): torch's default kept; "
+                              "delete this entry to measure again")
+    try:                                                              # a read-only home is no error
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        tmp.replace(file)
+    except OSError:
+        pass
+    return best
