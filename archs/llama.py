@@ -14,8 +14,12 @@ ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
 def to_config(hf: dict, **overrides) -> Config:
-    if hf.get("use_sliding_window") or (hf.get("model_type") == "mistral" and hf.get("sliding_window")):
-        raise ValueError("sliding-window attention is not supported")
+    context = hf.get("max_position_embeddings", 2048)
+    if hf.get("sliding_window") and (hf.get("use_sliding_window") or hf.get("model_type") == "mistral"
+                                     or "sliding_attention" in (hf.get("layer_types") or [])):
+        # Mistral v0.1, Qwen2 with use_sliding_window: within the window, sliding-window attention
+        # is full causal attention, so cap the context there: exact, never an approximation
+        context = min(context, hf["sliding_window"])
     theta, scaling = rope_settings(hf)
     heads = hf["num_attention_heads"]
     fields = dict(
@@ -23,7 +27,7 @@ def to_config(hf: dict, **overrides) -> Config:
         num_layers=hf["num_hidden_layers"], num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        intermediate_size=hf["intermediate_size"], max_position=hf.get("max_position_embeddings", 2048),
+        intermediate_size=hf["intermediate_size"], max_position=context,
         norm="rms", norm_eps=hf.get("rms_norm_eps", 1e-6), pos="rope", rope_theta=theta,
         rope_scaling=scaling, act=hf.get("hidden_act", "silu"), gated_mlp=True,
         qkv_bias=hf.get("attention_bias", hf.get("model_type") == "qwen2"),

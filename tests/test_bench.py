@@ -35,13 +35,25 @@ def test_bench_reports_every_measure(ours_only, env):
     assert (out["arch"], out["dtype"], out["device"], out["threads"]) == ("llama", "float32", "cpu", 1)
     assert out["cpu_plan"] in cpu.PLANS and "transformers" not in out and "ratios" not in out
     assert sorted(out["ours"]) == sorted(MEASURES)
-    assert all(isinstance(v, float | int) and v > 0 for v in out["ours"].values()), out["ours"]
+    # memory growth of a 0.5 MB model is allocator noise (freed pages get reused): >= 0, tested below
+    rss = {"load_rss_anon_growth_bytes", "load_rss_anon_growth_x_weights"}
+    assert all(isinstance(v, float | int) and (v >= 0 if k in rss else v > 0)
+               for k, v in out["ours"].items()), out["ours"]
     roof = out["roof"]
     assert roof["bytes_per_token"]["total"] == roof["bytes_per_token"]["weights"] + roof["bytes_per_token"]["kv_cache"]
     assert roof["tok_s"] == pytest.approx(max(roof["read_bandwidth_bytes_s"].values()) / roof["bytes_per_token"]["total"])
     assert out["ours"]["roof_fraction"] == pytest.approx(out["ours"]["decode_p8_b1_tok_s"] / roof["tok_s"])
-    # the weights are fp32 and loading copies them once: growth is about their size, never below
-    assert out["ours"]["load_rss_anon_growth_bytes"] >= 0.9 * out["weights_bytes"]
+    assert out["ours"]["load_rss_anon_growth_x_weights"] == pytest.approx(
+        out["ours"]["load_rss_anon_growth_bytes"] / out["weights_bytes"])
+
+
+def test_peak_rss_anon_sees_an_allocation():
+    """The instrument behind the loading-memory figure: 64 MiB written inside the window show."""
+    if not bench.rss_anon():
+        pytest.skip("no /proc/self/status RssAnon on this OS")
+    with bench.PeakRssAnon() as mem:
+        t = torch.ones(64 << 20, dtype=torch.uint8)
+    assert 60 << 20 <= mem.growth <= 80 << 20 and t[-1] == 1
 
 
 def test_bench_compare_transformers_gives_ratios(env, ours_only):

@@ -111,3 +111,24 @@ def test_gpt2_as_published_on_the_hub(checkpoints, reference, tmp_path):
         ref = reference(src)(ids).logits
     ours = minillm.load(tmp_path / "gpt2", device="cpu").logits(ids)
     assert (ours - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+def test_sliding_window_caps_the_context_and_is_exact_within_it(tmp_path):
+    """Mistral v0.1 / Qwen2 sliding-window attention equals full attention while a sequence fits in
+    the window: loaded with the context capped at the window, logits match transformers there."""
+    from transformers import MistralConfig, MistralForCausalLM
+    torch.manual_seed(0)
+    MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
+                                     max_position_embeddings=128)).save_pretrained(tmp_path)
+    llm = minillm.load(tmp_path, device="cpu")
+    assert llm.config.max_position == 16
+    ref = MistralForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = ids_for(5, B=1, T=16)
+    with torch.no_grad():
+        want = ref(ids).logits
+    assert (llm.logits(ids) - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())
+    with pytest.raises(ValueError, match="exceeds the model's context of 16"):
+        llm.generate(ids_for(6, B=1, T=17)[0].tolist(), max_new_tokens=1)
+    r = llm.generate(ids[0, :12].tolist(), max_new_tokens=10, temperature=0)
+    assert r.finish_reason == "length" and len(r.token_ids) == 4
