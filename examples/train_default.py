@@ -62,6 +62,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import sysconfig
 import time
@@ -310,6 +311,25 @@ def parses(code: str) -> bool:
         return True
     except (SyntaxError, ValueError):
         return False
+
+
+def heldout_likeness(hf_tok, heldout_texts, n: int, max_new_tokens: int) -> dict:
+    """The same rule applied to real code: up to n snippets per prompt, each starting where a line
+    of a held-out module starts with the prompt and running the prompt plus max_new_tokens tokens.
+    What a model that wrote exactly like the stdlib would score: the ceiling of the measure."""
+    out = {}
+    for prompt in PROMPTS:
+        starts = [(t, m.start()) for t in heldout_texts for m in re.finditer("^" + re.escape(prompt), t, re.M)]
+        picks = starts[::max(1, len(starts) // n)][:n]   # spread over the modules, deterministic
+        ok = 0
+        keep = len(hf_tok(prompt, add_special_tokens=False)["input_ids"]) + max_new_tokens
+        for text, at in picks:
+            window = text[at:at + 8 * keep]                  # > keep tokens of code (~3.6 bytes each)
+            ids = hf_tok(window, add_special_tokens=False)["input_ids"]
+            at_end = at + len(window) == len(text) and len(ids) <= keep   # the module ends first
+            ok += parses(cut_to_complete_lines(hf_tok.decode(ids[:keep]), finished=at_end))
+        out[prompt] = round(ok / len(picks), 4) if picks else None
+    return out
 
 
 class _FirstTokenPrefix:
@@ -631,6 +651,8 @@ def main(argv=None):
         "python_likeness_without_token_healing": round(n_ok_raw / n_all, 4),
         "python_likeness_without_token_healing_per_prompt": {
             p: round(k / n, 4) for p, (k, n) in likeness[False].items()},
+        "python_likeness_heldout_code_per_prompt": heldout_likeness(hf_tok, heldout_texts, args.samples,
+                                                                    args.sample_tokens),
         "python_likeness_method": (
             f"{args.samples} samples per prompt (seed {args.seed}+i), temperature {args.temperature}, "
             f"top_p {args.top_p}, up to {args.sample_tokens} new tokens, token healing of the prompt's "

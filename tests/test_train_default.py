@@ -76,6 +76,9 @@ def test_tiny_training_run(tmp_path):
     assert result["steps"] == 6
     assert result["tokens_seen"] == 6 * 2 * 32
     assert 0.0 <= result["python_likeness"] <= 1.0
+    ceiling = result["python_likeness_heldout_code_per_prompt"]   # real code under the same rule
+    assert sorted(ceiling) == sorted(["def ", "class ", "import "])
+    assert all(v is None or 0.0 <= v <= 1.0 for v in ceiling.values())
     # the two byte baselines are proper models: bigram beats unigram, both under 8 bits
     assert result["bigram_byte_bits_per_byte"] < result["unigram_byte_bits_per_byte"] < 8.0
     assert result["data"]["files_train"] == 8 and result["data"]["files_heldout"] >= 1
