@@ -70,15 +70,12 @@ def generate(model, device, dtype, backend, prompt, max_new_tokens, temperature,
              repetition_penalty, seed, stop):
     """Stream the completion of PROMPT to stdout."""
     llm = load(model, device=device, dtype=dtype, backend=backend)
-    out = click.get_text_stream("stdout")
-    out.write(prompt)
-    out.flush()
+    click.echo(prompt, nl=False)   # echo flushes: each piece shows as soon as it is decoded
     for piece in llm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
                             stop=list(stop) or None):
-        out.write(piece)
-        out.flush()
-    out.write("\n")
+        click.echo(piece, nl=False)
+    click.echo()
 
 
 @main.command()

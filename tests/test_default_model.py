@@ -45,6 +45,7 @@ def test_cli_generate_without_model_streams_the_default():
     r = run_cli("generate", "def fibonacci(n):", "-n", "12", "--temperature", "0", env=OFFLINE)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("def fibonacci(n):") and len(r.stdout) > len("def fibonacci(n):")
+    assert r.stderr == ""   # nothing but the completion: no warnings, no progress bar for 11 MB
     again = run_cli("generate", "def fibonacci(n):", "-n", "12", "--temperature", "0", env=OFFLINE)
     assert again.stdout == r.stdout   # greedy: the same text twice
 
