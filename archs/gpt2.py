@@ -26,7 +26,8 @@ def to_config(hf: dict) -> Config:
         intermediate_size=hf.get("n_inner") or 4 * C, max_position=hf["n_positions"],
         norm="layer", norm_eps=hf.get("layer_norm_epsilon", 1e-5), pos="learned",
         act=hf.get("activation_function", "gelu_new"), gated_mlp=False,
-        qkv_bias=True, o_bias=True, mlp_bias=True, tie_embeddings=True, **token_ids(hf))
+        qkv_bias=True, o_bias=True, mlp_bias=True, tie_embeddings=True,
+        attn_scale=None if hf.get("scale_attn_weights", True) else 1.0, **token_ids(hf))
 
 
 def _t(w):  # Conv1D (in, out) -> Linear (out, in)

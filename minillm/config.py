@@ -8,6 +8,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 
+# the hidden_act names the decoder implements (minillm.model.ACTS), as transformers spells them
+ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+
+
 @dataclass
 class Config:
     arch: str                       # adapter that produced it ("gpt2", "llama", "qwen3", ...)
@@ -31,7 +35,7 @@ class Config:
     rope_interleaved: bool = False  # rotate pairs (2i, 2i+1) instead of halves (DeepSeek's stored layout)
 
     # MLP
-    act: str = "silu"               # "silu" | "gelu_new" | "gelu" | "relu"
+    act: str = "silu"               # one of ACTIVATIONS
     gated_mlp: bool = True          # act(gate(x)) * up(x) (Llama) vs act(fc(x)) (GPT-2)
 
     # biases and extras
@@ -69,6 +73,8 @@ class Config:
     torch_dtype: str | None = None  # dtype the checkpoint was saved in ("bfloat16", ...)
 
     def __post_init__(self):
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"unsupported activation {self.act!r} (supported: {', '.join(ACTIVATIONS)})")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
 

@@ -48,10 +48,12 @@ def make_norm(cfg: Config, dim: int) -> nn.Module:
     return RMSNorm(dim, cfg.norm_eps) if cfg.norm == "rms" else nn.LayerNorm(dim, eps=cfg.norm_eps)
 
 
-ACTS = {
+ACTS = {   # config.ACTIVATIONS
     "silu": F.silu,
+    "swish": F.silu,
     "gelu": F.gelu,
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),   # GPT-2's tanh approximation
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
 }
 

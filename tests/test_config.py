@@ -87,3 +87,11 @@ def test_rope_frequencies_match_transformers(scaling, spelling):
     else:
         ref, ref_scale = ROPE_INIT_FUNCTIONS[kind](hfc, "cpu")
     assert torch.equal(ours, ref) and our_scale == pytest.approx(ref_scale)
+
+
+def test_activations_are_named_in_one_place():
+    from minillm.config import ACTIVATIONS
+    from minillm.model import ACTS
+    assert set(ACTS) == set(ACTIVATIONS)
+    with pytest.raises(ValueError, match=r"unsupported activation 'xielu' \(supported: silu"):
+        to_config({**LLAMA32_1B, "hidden_act": "xielu"})

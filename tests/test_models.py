@@ -132,3 +132,30 @@ def test_sliding_window_caps_the_context_and_is_exact_within_it(tmp_path):
         llm.generate(ids_for(6, B=1, T=17)[0].tolist(), max_new_tokens=1)
     r = llm.generate(ids[0, :12].tolist(), max_new_tokens=10, temperature=0)
     assert r.finish_reason == "length" and len(r.token_ids) == 4
+
+
+def test_gpt2_without_attention_scaling(tmp_path):
+    """GPT-2's `scale_attn_weights: false` (no 1/sqrt(d) in the softmax) is read, not ignored."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
+                               eos_token_id=2, scale_attn_weights=False)).save_pretrained(tmp_path)
+    ref = GPT2LMHeadModel.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = ids_for(7, B=1, T=20)
+    with torch.no_grad():
+        want = ref(ids).logits
+    got = minillm.load(tmp_path, device="cpu").logits(ids)
+    assert (got - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())
+
+
+def test_llama_layout_with_tanh_gelu(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, hidden_act="gelu_pytorch_tanh")).save_pretrained(tmp_path)
+    ref = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = ids_for(8, B=1, T=20)
+    with torch.no_grad():
+        want = ref(ids).logits
+    got = minillm.load(tmp_path, device="cpu").logits(ids)
+    assert (got - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())
