@@ -10,7 +10,7 @@ import torch
 
 from .config import Config
 from .generate import Sampling, run
-from .loader import LoadError, load_model, parse_dtype, resolve
+from .loader import LoadError, load_model, parse_device, parse_dtype, resolve
 from .model import Decoder
 from .tokenizer import Tokenizer, TokenizerError
 
@@ -128,7 +128,7 @@ def load(name_or_path: str | Path | None = None, device=None, dtype=None, backen
         name_or_path = DEFAULT_MODEL
         if not DEFAULT_MODEL.exists():
             raise LoadError("this install has no embedded default model; pass a model folder or hub id")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(device)
     path = resolve(name_or_path)
     try:
         tokenizer = Tokenizer.from_dir(path)

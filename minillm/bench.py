@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .cpu import cache_root
-from .loader import LoadError
+from .loader import LoadError, parse_device
 
 # name -> Hugging Face config.json fields (model_type included); random weights, fixed seed
 SHAPES = {
@@ -343,7 +343,7 @@ def bench(path, device=None, dtype=None, backend="auto", prompt_lens=(128, 512),
     """All measurements; `compare` = "transformers" adds it, run interleaved with ours."""
     from .loader import DTYPES, parse_dtype, read_config
     log = log or (lambda msg: None)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this torch sees no CUDA device")
     hf = read_config(Path(path))                                # as load: fp32 on CPU, else the

@@ -17,7 +17,8 @@ import torch
 
 from .api import DEFAULT_MODEL, pick_backend
 from .cache import KVCache
-from .loader import DTYPES, HUB_ID, LoadError, build, parse_dtype, read_config, to_config, weight_files
+from .loader import (DTYPES, HUB_ID, LoadError, build, parse_device, parse_dtype, read_config, to_config,
+                     weight_files)
 
 MEASURE_LEN = 64                      # tokens of cache allocated to measure bytes per token
 # routed experts: mlp.experts_gate_up (stacked, minillm.moe), mlp.experts.3.w; not mlp.shared_experts
@@ -139,7 +140,7 @@ def info(model_or_path=None, dtype=None, memory=None, device=None, backend: str 
     path, headers, source = locate(model_or_path)
     hf = read_config(path)
     cfg, adapter = to_config(hf)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(device, available=False)   # costs for a GPU can be read on a CPU
     dtype = parse_dtype(dtype) or (torch.float32 if device.type == "cpu"
                                    else DTYPES.get(cfg.torch_dtype or "", torch.float32))
     model = build(cfg, torch.device("meta"), dtype)            # shapes only, no storage

@@ -45,6 +45,27 @@ def parse_dtype(dtype) -> torch.dtype | None:
     return DTYPES[str(dtype).removeprefix("torch.")]
 
 
+def parse_device(device, available: bool = True) -> torch.device:
+    """None: CUDA when available, else CPU. A device this machine cannot run on is a LoadError
+    here, not a traceback from the first allocation (`available=False`: only the spelling)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LoadError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise LoadError(f"device {str(device)!r} is not supported (use cpu, cuda or cuda:N)")
+    if available and device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device found"
+            raise LoadError(f"device {str(device)!r} is not available: {why}")
+        if (device.index or 0) >= count:
+            raise LoadError(f"device {str(device)!r} is not available: {count} CUDA device(s) here")
+    return device
+
+
 def resolve(name_or_path: str | os.PathLike) -> Path:
     """A local folder as is; otherwise a hub id, fetched (config, tokenizer, safetensors only)
     or found in the Hugging Face cache, honouring HF_HUB_OFFLINE and HF_HOME."""

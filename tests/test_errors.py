@@ -103,3 +103,18 @@ def test_bad_dtype_and_backend(llama):
         minillm.load(llama, device="cpu", dtype="float8")
     with pytest.raises(LoadError, match="unknown backend 'cuda'"):
         minillm.load(llama, device="cpu", backend="cuda")
+
+
+def test_device_this_machine_cannot_use_is_one_line(llama):
+    """A device that does not exist here fails before any allocation, in one line (not torch's
+    AssertionError from deep inside the first CUDA call)."""
+    absent = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    for device, msg in ((absent, f"device '{absent}' is not available"), ("gpu", "unknown device 'gpu'"),
+                        ("mps", "device 'mps' is not supported")):
+        with pytest.raises(LoadError, match=msg):
+            minillm.load(llama, device=device)
+        r = run_cli("generate", "-m", str(llama), "x", "-n", "1", "--device", device)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"minillm: error: {msg}")
+    # info only reads costs: a GPU's figures can be read on a CPU-only machine
+    assert minillm.info(llama, device="cuda")["device"] == "cuda"
