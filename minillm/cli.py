@@ -70,10 +70,12 @@ def generate(model, device, dtype, backend, prompt, max_new_tokens, temperature,
              repetition_penalty, seed, stop):
     """Stream the completion of PROMPT to stdout."""
     llm = load(model, device=device, dtype=dtype, backend=backend)
-    click.echo(prompt, nl=False)   # echo flushes: each piece shows as soon as it is decoded
-    for piece in llm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                            stop=list(stop) or None):
+    pieces = llm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                        stop=list(stop) or None)
+    first = next(pieces, "")       # a bad setting fails here, before anything is printed
+    click.echo(prompt + first, nl=False)   # echo flushes: each piece shows as soon as it is decoded
+    for piece in pieces:
         click.echo(piece, nl=False)
     click.echo()
 

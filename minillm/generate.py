@@ -22,6 +22,18 @@ class Sampling:
     min_p: float | None = None
     repetition_penalty: float | None = None
 
+    def __post_init__(self):
+        # transformers' ranges (0 / None switch a processor off), checked so that a typo is an
+        # error rather than a quietly different distribution (temperature -1 inverts it)
+        for name, ok, want in (("temperature", self.temperature >= 0, ">= 0 (0: greedy)"),
+                               ("top_k", self.top_k is None or self.top_k >= 0, ">= 0 (0: off)"),
+                               ("top_p", self.top_p is None or 0 < self.top_p <= 1, "in (0, 1]"),
+                               ("min_p", self.min_p is None or 0 <= self.min_p <= 1, "in [0, 1]"),
+                               ("repetition_penalty", self.repetition_penalty is None or self.repetition_penalty > 0,
+                                "> 0 (1: off)")):
+            if not ok:
+                raise ValueError(f"{name} must be {want}, got {getattr(self, name)}")
+
 
 def next_tokens(logits: torch.Tensor, s: Sampling, seen: torch.Tensor | None, gen) -> torch.Tensor:
     """logits (B, V) -> (B,) token ids. The processors run in transformers' order: repetition
@@ -93,6 +105,8 @@ def run(model: Decoder, tokenizer: Tokenizer | None, prompts: list[list[int]], m
         sampling: Sampling, eos: set[int], stop: list[str], seed: int | None):
     """Yields the list of Sequences after every step; the last yield has all of them finished."""
     cfg, device = model.cfg, model.embed.weight.device
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     lens = [len(p) for p in prompts]
     if min(lens) == 0:
         raise ValueError("empty prompt: give at least one token")

@@ -25,7 +25,10 @@ def _token_text(tok) -> str | None:
 class Tokenizer:
     def __init__(self, path: Path):
         file = Path(path) / "tokenizer.json"
-        self.tok = _Tok.from_file(str(file))
+        try:
+            self.tok = _Tok.from_file(str(file))
+        except Exception as e:   # the tokenizers library raises bare Exceptions for a bad file
+            raise TokenizerError(f"{file} cannot be read by the tokenizers library: {e}") from None
         conf_file = Path(path) / "tokenizer_config.json"
         conf = json.loads(conf_file.read_text()) if conf_file.exists() else {}
         self.bos_token, self.eos_token = _token_text(conf.get("bos_token")), _token_text(conf.get("eos_token"))

@@ -108,6 +108,8 @@ def verify(model_or_path=None, prompts=None, new_tokens: int = 16, dtype=None, d
     llm = model_or_path if isinstance(model_or_path, LLM) else load(model_or_path, device, dtype, backend)
     if new_tokens < 0:
         raise VerifyError(f"new_tokens must be >= 0, got {new_tokens}")
+    if not tol > 0:
+        raise VerifyError(f"tol must be > 0, got {tol}")
     if str(reference) == "transformers":
         refs = transformers_reference(llm, _prompt_ids(llm, prompts, new_tokens), new_tokens)
         source = "transformers"

@@ -118,3 +118,25 @@ def test_device_this_machine_cannot_use_is_one_line(llama):
         assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"minillm: error: {msg}")
     # info only reads costs: a GPU's figures can be read on a CPU-only machine
     assert minillm.info(llama, device="cuda")["device"] == "cuda"
+
+
+def test_out_of_range_sampling_settings_are_errors_not_other_distributions(llama):
+    """temperature -1 would invert the distribution and top_p 2 keep everything: refused, in one
+    line and before the CLI prints anything. 0 / None switch a processor off, as in transformers."""
+    llm = minillm.load(llama, device="cpu")
+    bad = {"temperature": -1.0, "top_p": 2.0, "top_k": -5, "min_p": 1.5, "repetition_penalty": 0.0}
+    for name, value in bad.items():
+        with pytest.raises(ValueError, match=f"{name} must be"):
+            llm.generate("def", max_new_tokens=2, **{name: value})
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        llm.generate("def", max_new_tokens=-1)
+    assert llm.generate("def", max_new_tokens=3, temperature=1.0, top_k=0, seed=0).token_ids   # 0: off
+    r = run_cli("generate", "-m", str(llama), "def", "--top-p", "2")
+    assert r.returncode == 1 and r.stdout == "" and r.stderr.strip() == "minillm: error: top_p must be in (0, 1], got 2.0"
+
+
+def test_unreadable_tokenizer_json_is_one_line(llama):
+    (llama / "tokenizer.json").write_text("{}")
+    r = run_cli("generate", "-m", str(llama), "x")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "tokenizer.json cannot be read" in lines[0]
