@@ -65,7 +65,16 @@ class LLM:
             if self.tokenizer is None:
                 raise ValueError(f"{self.path} has no tokenizer.json: pass token ids, not text")
             return self.tokenizer.encode(prompt)
-        return [int(t) for t in prompt]
+        ids = [int(t) for t in prompt]
+        self._check_ids(ids)
+        return ids
+
+    def _check_ids(self, ids):
+        """Token ids outside the vocabulary: a ValueError naming one, not the embedding's IndexError."""
+        V = self.config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < V), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{V - 1})")
 
     @torch.inference_mode()
     def logits(self, input_ids) -> torch.Tensor:
@@ -73,6 +82,8 @@ class LLM:
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
         if ids.dim() == 1:
             ids = ids[None]
+        if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < self.config.vocab_size:
+            self._check_ids(ids.flatten().tolist())
         return self.model(ids).float()
 
     def _settings(self, temperature, top_k, top_p, min_p, repetition_penalty) -> Sampling:

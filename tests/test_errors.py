@@ -140,3 +140,13 @@ def test_unreadable_tokenizer_json_is_one_line(llama):
     r = run_cli("generate", "-m", str(llama), "x")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and "tokenizer.json cannot be read" in lines[0]
+
+
+def test_token_ids_outside_the_vocabulary(llama):
+    llm = minillm.load(llama, device="cpu")
+    V = llm.config.vocab_size
+    with pytest.raises(ValueError, match=f"token id {V} is outside the vocabulary"):
+        llm.generate([1, V], max_new_tokens=1)
+    with pytest.raises(ValueError, match="token id -1 is outside the vocabulary"):
+        llm.logits([[3, -1]])
+    assert llm.logits([[0, V - 1]]).shape == (1, 2, V)
