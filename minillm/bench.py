@@ -344,8 +344,6 @@ def bench(path, device=None, dtype=None, backend="auto", prompt_lens=(128, 512),
     from .loader import DTYPES, parse_dtype, read_config
     log = log or (lambda msg: None)
     device = parse_device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this torch sees no CUDA device")
     hf = read_config(Path(path))                                # as load: fp32 on CPU, else the
     saved = DTYPES.get(hf.get("dtype") or hf.get("torch_dtype") or "", torch.float32)   # checkpoint's
     dtype = parse_dtype(dtype) or (torch.float32 if device.type == "cpu" else saved)

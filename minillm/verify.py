@@ -105,11 +105,11 @@ def verify(model_or_path=None, prompts=None, new_tokens: int = 16, dtype=None, d
     """Check a model (a folder, hub id, None for the default model, or a loaded LLM, used as is)
     against `reference`: "transformers" or a safetensors file of `input_ids.K` / `logits.K` pairs.
     `save`: write the reference's logits in that format. Raises VerifyError when it cannot run."""
-    llm = model_or_path if isinstance(model_or_path, LLM) else load(model_or_path, device, dtype, backend)
     if new_tokens < 0:
         raise VerifyError(f"new_tokens must be >= 0, got {new_tokens}")
     if not tol > 0:
         raise VerifyError(f"tol must be > 0, got {tol}")
+    llm = model_or_path if isinstance(model_or_path, LLM) else load(model_or_path, device, dtype, backend)
     if str(reference) == "transformers":
         refs = transformers_reference(llm, _prompt_ids(llm, prompts, new_tokens), new_tokens)
         source = "transformers"
