@@ -158,7 +158,9 @@ def test_cli_verify_errors_exit_2_in_one_line(llama, tmp_path):
     missing = str(tmp_path / "x.safetensors")
     for args, msg in [(["-m", str(tmp_path / "nope")], "no such folder"),
                       (["-m", str(llama), "--reference", missing], "no such reference file"),
-                      (["-m", str(llama), "--prompts", missing], "No such file")]:
+                      (["-m", str(llama), "--prompts", missing], "No such file"),
+                      (["-m", str(llama), "--tol", "-1"], "tol must be > 0"),
+                      (["-m", str(llama), "--new-tokens", "-2"], "new_tokens must be >= 0")]:
         r = runner.invoke(main, ["verify", "--device", "cpu", *args])
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output
 
