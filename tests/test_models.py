@@ -113,21 +113,29 @@ def test_gpt2_as_published_on_the_hub(checkpoints, reference, tmp_path):
     assert (ours - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
 
 
+def matches_transformers(model_cls, config, folder, seed, T=20):
+    """A random transformers model of `config`, saved to `folder` and loaded by minillm: fp32
+    logits within 1e-4 of transformers' on one random sequence. -> (llm, ids)."""
+    torch.manual_seed(0)
+    model_cls(config).save_pretrained(folder)
+    ref = model_cls.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = ids_for(seed, B=1, T=T)
+    with torch.no_grad():
+        want = ref(ids).logits
+    llm = minillm.load(folder, device="cpu")
+    assert (llm.logits(ids) - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())
+    return llm, ids
+
+
 def test_sliding_window_caps_the_context_and_is_exact_within_it(tmp_path):
     """Mistral v0.1 / Qwen2 sliding-window attention equals full attention while a sequence fits in
     the window: loaded with the context capped at the window, logits match transformers there."""
     from transformers import MistralConfig, MistralForCausalLM
-    torch.manual_seed(0)
-    MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
-                                     max_position_embeddings=128)).save_pretrained(tmp_path)
-    llm = minillm.load(tmp_path, device="cpu")
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
+                           max_position_embeddings=128)
+    llm, ids = matches_transformers(MistralForCausalLM, config, tmp_path, seed=5, T=16)
     assert llm.config.max_position == 16
-    ref = MistralForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    ids = ids_for(5, B=1, T=16)
-    with torch.no_grad():
-        want = ref(ids).logits
-    assert (llm.logits(ids) - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())
     with pytest.raises(ValueError, match="exceeds the model's context of 16"):
         llm.generate(ids_for(6, B=1, T=17)[0].tolist(), max_new_tokens=1)
     r = llm.generate(ids[0, :12].tolist(), max_new_tokens=10, temperature=0)
@@ -137,25 +145,13 @@ def test_sliding_window_caps_the_context_and_is_exact_within_it(tmp_path):
 def test_gpt2_without_attention_scaling(tmp_path):
     """GPT-2's `scale_attn_weights: false` (no 1/sqrt(d) in the softmax) is read, not ignored."""
     from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
-                               eos_token_id=2, scale_attn_weights=False)).save_pretrained(tmp_path)
-    ref = GPT2LMHeadModel.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    ids = ids_for(7, B=1, T=20)
-    with torch.no_grad():
-        want = ref(ids).logits
-    got = minillm.load(tmp_path, device="cpu").logits(ids)
-    assert (got - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())
+    config = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
+                        eos_token_id=2, scale_attn_weights=False)
+    matches_transformers(GPT2LMHeadModel, config, tmp_path, seed=7)
 
 
 def test_llama_layout_with_tanh_gelu(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                 num_attention_heads=4, hidden_act="gelu_pytorch_tanh")).save_pretrained(tmp_path)
-    ref = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    ids = ids_for(8, B=1, T=20)
-    with torch.no_grad():
-        want = ref(ids).logits
-    got = minillm.load(tmp_path, device="cpu").logits(ids)
-    assert (got - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, hidden_act="gelu_pytorch_tanh")
+    matches_transformers(LlamaForCausalLM, config, tmp_path, seed=8)
