@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .cpu import cache_root
+from .cpu import cache_root, cpu_name
 from .loader import LoadError, parse_device
 
 # name -> Hugging Face config.json fields (model_type included); random weights, fixed seed
@@ -431,7 +431,7 @@ def bench(path, device=None, dtype=None, backend="auto", prompt_lens=(128, 512),
         "cpu_plan": _cpu_plan(model) if device.type == "cpu" else None,
         "prompt_lens": lens, "batches": sorted({B for _, B in rows}), "new_tokens": new_tokens,
         "repeat": repeat, "weights_bytes": wbytes,
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "load_avg_1min": load_avg},
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_avg_1min": load_avg},
         "roof": {"read_bandwidth_bytes_s": bw, "bytes_per_token": per_token,
                  "context": lens[0] + new_tokens // 2, "tok_s": roof},
         **results,
@@ -465,11 +465,6 @@ def _cpu_plan(model) -> str:
               key=lambda m: m.weight.numel())
     layout = "in_out" if lin.weight.stride(0) == 1 and lin.weight.shape[0] > 1 else "out_in"
     return next((p for p, v in PLANS.items() if v == (layout, lin.onednn_rows)), "?")
-
-
-def _cpu_name() -> str:
-    from .cpu import cpu_name
-    return cpu_name()
 
 
 # --- the report --------------------------------------------------------------------------------------
