@@ -15,6 +15,7 @@ from torch import nn
 from .attention import Step
 from .cache import KVCache
 from .config import Config
+from .cpu import onednn_linear
 from .rope import Rotary, apply_rope
 
 
@@ -40,7 +41,7 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         if self.onednn_rows and x.numel() >= self.onednn_rows * x.shape[-1] and x.is_cpu:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            return onednn_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
