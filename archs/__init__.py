@@ -8,6 +8,10 @@ Each adapter module defines
         where a checkpoint tensor goes (a fused parameter takes several tensors, each into its
         rows); IGNORE for tensors deliberately dropped; None for a name it does not know (the
         loader reports it as unexpected: loading is strict).
+    names(cfg: Config, present: dict) -> list[str]
+        every tensor a complete checkpoint of this config has, in the checkpoint's own names (the
+        loader reports the first one missing by that name; `present`, the names the checkpoint
+        has, picks among layouts such as GPT-2's with and without the `transformer.` prefix).
 """
 from __future__ import annotations
 

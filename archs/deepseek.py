@@ -68,3 +68,25 @@ def targets(name: str, cfg: Config):
     if rest in ROUTER:
         return [Target(f"{L}.{ROUTER[rest]}")]
     return llama.targets(name, cfg)       # the norms and the dense layers' MLP
+
+
+def names(cfg: Config, present=()) -> list[str]:
+    out = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_embeddings else ["lm_head.weight"])
+    q = ["q_a_proj", "q_a_layernorm", "q_b_proj"] if cfg.q_lora_rank else ["q_proj"]
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        out += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+        out += [f"{p}self_attn.{m}.weight" for m in q + ["kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"]]
+        if cfg.qkv_bias:
+            out += [f"{p}self_attn.{m}.bias" for m in (["q_a_proj"] if cfg.q_lora_rank else []) + ["kv_a_proj_with_mqa"]]
+        out += [f"{p}self_attn.o_proj.bias"] if cfg.o_bias else []
+        if i not in cfg.moe_layers:
+            out += llama.mlp_names(cfg, i)
+            continue
+        out += [p + "mlp.gate.weight"] + ([p + "mlp.gate.e_score_correction_bias"]
+                                          if cfg.topk_method == "noaux_tc" else [])
+        out += [f"{p}mlp.experts.{e}.{x}_proj.weight" for e in range(cfg.n_routed_experts)
+                for x in ("gate", "up", "down")]
+        if cfg.n_shared_experts:
+            out += [f"{p}mlp.shared_experts.{x}_proj.weight" for x in ("gate", "up", "down")]
+    return out

@@ -62,3 +62,10 @@ def targets(name: str, cfg: Config):
         core, transform = LAYER[rest]
         return [Target(f"layers.{i}.{core}", transform=transform)]
     return None
+
+
+def names(cfg: Config, present=()) -> list[str]:
+    """The hub's file has no `transformer.` prefix; transformers' save_pretrained writes one."""
+    pre = "transformer." if any(n.startswith("transformer.") for n in present) else ""
+    layers = [f"{pre}h.{i}.{rest}" for i in range(cfg.num_layers) for rest in LAYER]
+    return [pre + n for n in TOP] + layers

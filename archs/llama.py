@@ -68,3 +68,25 @@ def targets(name: str, cfg: Config):
     if module in plain:
         return [Target(f"{layer}.{plain[module]}.{kind}")]
     return None
+
+
+def names(cfg: Config, present=()) -> list[str]:
+    out = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_embeddings else ["lm_head.weight"])
+    for i in range(cfg.num_layers):
+        out += attention_names(cfg, i) + mlp_names(cfg, i)
+    return out
+
+
+def attention_names(cfg: Config, i: int) -> list[str]:
+    p = f"model.layers.{i}."
+    out = [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+    out += [f"{p}self_attn.{x}_proj.weight" for x in "qkvo"]
+    out += [f"{p}self_attn.{x}_proj.bias" for x in "qkv" if cfg.qkv_bias]
+    out += [f"{p}self_attn.o_proj.bias"] if cfg.o_bias else []
+    out += [f"{p}self_attn.{x}_norm.weight" for x in "qk" if cfg.qk_norm]
+    return out
+
+
+def mlp_names(cfg: Config, i: int) -> list[str]:
+    kinds = ("weight", "bias") if cfg.mlp_bias else ("weight",)
+    return [f"model.layers.{i}.mlp.{x}_proj.{k}" for x in ("gate", "up", "down") for k in kinds]

@@ -13,3 +13,4 @@ def to_config(hf: dict) -> Config:
 
 
 targets = llama.targets   # q_norm / k_norm are among llama's norm names
+names = llama.names

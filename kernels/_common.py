@@ -1,9 +1,9 @@
 """Shared plumbing for the Triton kernels: a guarded triton import and small helpers.
 
-The kernel modules must stay importable without triton (their torch references are used
-by the model on CPU and by the tests), so triton is imported here inside try/except and,
-when it is missing, replaced by a stub whose ``jit`` is the identity and whose
-``constexpr`` only exists to be used as an annotation. Launching a kernel then raises a
+The kernel modules must stay importable without triton (the package is imported on every
+machine; the torch references beside the kernels are what the tests compare them with), so
+triton is imported here inside try/except and, when it is missing, replaced by a stub whose
+``jit`` is the identity and whose ``constexpr`` only exists to be used as an annotation. Launching a kernel then raises a
 clear error from ``require_triton``.
 """
 

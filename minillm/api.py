@@ -10,33 +10,16 @@ import torch
 
 from .config import Config
 from .generate import Sampling, run
-from .loader import LoadError, load_model, parse_device, parse_dtype, resolve
+from .loader import load_model
+from .locate import LoadError, parse_device, parse_dtype, resolve
 from .model import Decoder
 from .tokenizer import Tokenizer, TokenizerError
-
-DEFAULT_MODEL = Path(__file__).parent / "models" / "minillm-pycode-5m"
-BACKENDS = ("auto", "torch", "triton")
-
 
 @dataclass
 class GenerationResult:
     text: str                 # the new text (eos and the stop string not included)
     token_ids: list[int]      # the new token ids (an eos that ended it included, as transformers)
     finish_reason: str        # "eos" | "stop" | "length"
-
-
-def pick_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise LoadError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
-    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
-        return "torch"
-    from minillm.kernels import triton_available
-    ok, why = triton_available()
-    if not ok:
-        if backend == "auto":
-            return "torch"
-        raise LoadError(f"backend 'triton' is not available here: {why}")
-    return "triton"
 
 
 class LLM:
@@ -47,6 +30,11 @@ class LLM:
         gc_eos = generation_config.get("eos_token_id")
         gc_eos = [] if gc_eos is None else (gc_eos if isinstance(gc_eos, list) else [gc_eos])
         self.eos_token_ids = sorted(set(self.config.eos_token_ids) | set(gc_eos))
+
+    def __repr__(self) -> str:
+        run = self.model.run
+        return (f"LLM(path={str(self.path)!r}, arch={self.config.arch!r}, dtype={str(self.dtype).removeprefix('torch.')}, "
+                f"device={str(self.device)!r}, backend={run.backend!r}, cpu_plan={run.cpu_plan!r})")
 
     @property
     def config(self) -> Config:
@@ -134,19 +122,15 @@ def load(name_or_path: str | Path | None = None, device=None, dtype=None, backen
     """A local folder or a hub id (None: the embedded default model) -> LLM.
 
     device None: CUDA when available, else CPU. dtype None: the checkpoint's own on GPU,
-    float32 on CPU; or a torch.dtype / "float32" | "bfloat16" | "float16"."""
-    if name_or_path is None:
-        name_or_path = DEFAULT_MODEL
-        if not DEFAULT_MODEL.exists():
-            raise LoadError("this install has no embedded default model; pass a model folder or hub id")
-    device = parse_device(device)
+    float32 on CPU; or a torch.dtype / "float32" | "bfloat16" | "float16". backend "auto":
+    the Triton kernels on CUDA, torch elsewhere. What was decided is in `llm.model.run`."""
+    device, dtype = parse_device(device), parse_dtype(dtype)
     path = resolve(name_or_path)
     try:
         tokenizer = Tokenizer.from_dir(path)
     except TokenizerError as e:
         raise LoadError(str(e)) from None
-    model, hf = load_model(path, device, parse_dtype(dtype), progress)
-    model.backend = pick_backend(backend, device)
+    model, hf = load_model(path, device, dtype, backend, progress)
     gc_file = path / "generation_config.json"
     gc = json.loads(gc_file.read_text()) if gc_file.exists() else {}
     return LLM(model, tokenizer, path, hf, gc)

@@ -1,7 +1,7 @@
 """Where attention runs: the seam between the decoder and its kernels.
 
 The decoder hands every layer the same `Step`: the positions of the new tokens, the cache and the
-backend. `Step.attend` writes the new K/V into the cache and runs attention over everything the
+run settings (backend, MLA absorption). `Step.attend` writes the new K/V into the cache and runs attention over everything the
 sequence has so far. The torch backend uses scaled_dot_product_attention; the triton backend calls
 minillm.kernels (FlashAttention-2 prefill, flash-decoding).
 """
@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import KVCache
+from .config import RunSettings
 
 
 class Step:
@@ -18,8 +19,8 @@ class Step:
     all sequences share it (the common case: one prompt, or decoding prompts of equal length), else
     a (B,) LongTensor. Query t of sequence b sits at position start[b] + t and sees keys 0..that."""
 
-    def __init__(self, batch: int, T: int, start, cache: KVCache | None, backend: str, device):
-        self.T, self.cache, self.backend = T, cache, backend
+    def __init__(self, batch: int, T: int, start, cache: KVCache | None, run: RunSettings, device):
+        self.T, self.cache, self.backend, self.absorb = T, cache, run.backend, run.mla_absorb
         if isinstance(start, torch.Tensor):
             start = start.to(device)
             self.uniform = False

@@ -1,5 +1,6 @@
 """The `minillm` command. Every command that takes a model takes it as -m/--model (default: the
-embedded model). Bad input prints one line to stderr and exits non-zero, never a traceback."""
+embedded model). Bad input prints one line to stderr and exits non-zero, never a traceback.
+Each command imports what it needs when it runs: `minillm --help` loads no torch."""
 from __future__ import annotations
 
 import functools
@@ -7,9 +8,7 @@ import sys
 
 import click
 
-from .api import load
-from .loader import LoadError
-from .tokenizer import TokenizerError
+from .errors import LoadError, TokenizerError
 
 EXPECTED = (LoadError, TokenizerError, ValueError, FileNotFoundError, OSError)
 
@@ -69,6 +68,7 @@ def main():
 def generate(model, device, dtype, backend, prompt, max_new_tokens, temperature, top_k, top_p, min_p,
              repetition_penalty, seed, stop):
     """Stream the completion of PROMPT to stdout."""
+    from .api import load
     llm = load(model, device=device, dtype=dtype, backend=backend)
     pieces = llm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                         top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
@@ -176,15 +176,12 @@ def bench(model, device, dtype, backend, shape, prompt_len, new_tokens, batch, c
     memory-bandwidth roof; with --compare, side by side with transformers."""
     import json
 
-    from .api import DEFAULT_MODEL
     from .bench import bench as run_bench
     from .bench import random_checkpoint, report
-    from .loader import resolve
+    from .locate import resolve
     if shape and model:
         raise ValueError("give -m MODEL or --random SHAPE, not both")
-    if not (shape or model or DEFAULT_MODEL.exists()):
-        raise LoadError("this install has no embedded default model: give -m MODEL or --random SHAPE")
-    path = random_checkpoint(shape) if shape else resolve(model or DEFAULT_MODEL)
+    path = random_checkpoint(shape) if shape else resolve(model)
     log = (lambda msg: None) if as_json else (lambda msg: click.echo(f"# {msg}", err=True))
     out = run_bench(path, device=device, dtype=dtype, backend=backend, prompt_lens=prompt_len,
                     new_tokens=new_tokens, batches=batch, compare=compare, repeat=repeat, threads=threads,

@@ -5,7 +5,7 @@ this. Adding an architecture means filling these fields, not subclassing the mod
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 
 # the hidden_act names the decoder implements (minillm.model.ACTS), as transformers spells them
@@ -82,5 +82,23 @@ class Config:
     def rope_dim(self) -> int:
         return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+
+BACKENDS = ("torch", "triton")
+MLA_ABSORB = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a model runs, as opposed to what it is (Config): decided once at load (loader.settings)
+    and handed to the Decoder when it is built, so `Decoder(cfg, run)` says everything."""
+    backend: str = "torch"         # "torch": SDPA and plain torch; "triton": minillm.kernels (GPU)
+    cpu_plan: str = "blas"         # how CPU products run: a name in cpu.PLANS (layout + library)
+    mla_absorb: str = "auto"       # MLA decode: "auto" absorbs W_UK/W_UV for one-token steps only;
+                                   # "always" / "never" force one path (tests compare the two)
+
+    def __post_init__(self):
+        from .cpu import PLANS
+        for name, value, allowed in (("backend", self.backend, BACKENDS), ("cpu_plan", self.cpu_plan, PLANS),
+                                     ("mla_absorb", self.mla_absorb, MLA_ABSORB)):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r} (choose from {', '.join(allowed)})")

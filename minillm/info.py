@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from .api import DEFAULT_MODEL, pick_backend
 from .cache import KVCache
-from .loader import (DTYPES, HUB_ID, LoadError, build, parse_device, parse_dtype, read_config, to_config,
-                     weight_files)
+from .loader import build, read_config, settings, to_config, weight_files
+from .locate import DTYPES, LoadError, default_dtype, hub_errors, parse_device, parse_dtype, resolve
 
 MEASURE_LEN = 64                      # tokens of cache allocated to measure bytes per token
 # routed experts: mlp.experts_gate_up (stacked, minillm.moe), mlp.experts.3.w; not mlp.shared_experts
@@ -40,47 +40,21 @@ def parse_size(size) -> int:
 
 def locate(model) -> tuple[Path, dict | None, str]:
     """-> (folder holding config.json, {tensor: (dtype, shape, nbytes)} or None, where from).
-    A hub id whose weights are not cached costs config.json and the safetensors headers only."""
-    if model is None:
-        if not DEFAULT_MODEL.exists():
-            raise LoadError("this install has no embedded default model; pass a model folder or hub id")
-        model = DEFAULT_MODEL
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path, local_headers(path), "local folder"
-    if path.exists():
-        raise LoadError(f"{path} is a file; give the folder that holds config.json")
-    if not HUB_ID.match(str(model)):
-        raise LoadError(f"no such folder: {model}")
+    A hub id whose weights are not cached costs its metadata files and safetensors headers only."""
+    folder = resolve(model, weights=False)
+    headers = local_headers(folder)
+    is_local = model is None or Path(model).expanduser().is_dir()
+    if is_local or headers is not None:
+        return folder, headers, "local folder" if is_local else "hub cache"
     import huggingface_hub as hub
-    from huggingface_hub import errors
-    name = str(model)
-    try:
-        folder = Path(hub.hf_hub_download(name, "config.json")).parent
-        headers = local_headers(folder)
-        if headers is not None:
-            return folder, headers, "hub cache"
+    with hub_errors(str(model)):
         try:
-            meta = hub.get_safetensors_metadata(name)
-        except errors.NotASafetensorsRepoError:
+            meta = hub.get_safetensors_metadata(str(model))
+        except hub.errors.NotASafetensorsRepoError:
             return folder, None, "hub (config.json only: no safetensors weights)"
-        headers = {t: (i.dtype, list(i.shape), i.data_offsets[1] - i.data_offsets[0])
-                   for f in meta.files_metadata.values() for t, i in f.tensors.items()}
-        return folder, headers, "hub (config.json + safetensors headers)"
-    except LoadError:
-        raise
-    except (errors.GatedRepoError, errors.RepositoryNotFoundError) as e:
-        raise LoadError(f"no folder {name!r} here and no accessible hub model of that name "
-                        f"({type(e).__name__})") from None
-    except errors.LocalEntryNotFoundError:
-        from huggingface_hub import constants
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub could not be reached"
-        raise LoadError(f"model {name!r} is not a local folder and not in the Hugging Face cache "
-                        f"({constants.HF_HUB_CACHE}), and {why}") from None
-    except errors.EntryNotFoundError:
-        raise LoadError(f"hub model {name!r} has no config.json") from None
-    except Exception as e:  # network and HTTP errors of every kind
-        raise LoadError(f"could not read {name!r} from the hub: {type(e).__name__}: {e}") from None
+    headers = {t: (i.dtype, list(i.shape), i.data_offsets[1] - i.data_offsets[0])
+               for f in meta.files_metadata.values() for t, i in f.tensors.items()}
+    return folder, headers, "hub (config.json + safetensors headers)"
 
 
 def local_headers(folder: Path) -> dict | None:
@@ -141,9 +115,9 @@ def info(model_or_path=None, dtype=None, memory=None, device=None, backend: str 
     hf = read_config(path)
     cfg, adapter = to_config(hf)
     device = parse_device(device, available=False)   # costs for a GPU can be read on a CPU
-    dtype = parse_dtype(dtype) or (torch.float32 if device.type == "cpu"
-                                   else DTYPES.get(cfg.torch_dtype or "", torch.float32))
-    model = build(cfg, torch.device("meta"), dtype)            # shapes only, no storage
+    dtype = parse_dtype(dtype) or default_dtype(device, cfg.torch_dtype)
+    run = settings(device, dtype, backend)                    # as load would decide them
+    model = build(cfg, torch.device("meta"), dtype, run)       # shapes only, no storage
     total, active = count_params(model, cfg)
     kv = kv_bytes_per_token(model)
     H, mla = cfg.num_heads, cfg.attention == "mla"
@@ -158,7 +132,7 @@ def info(model_or_path=None, dtype=None, memory=None, device=None, backend: str 
         "path": str(path), "source": source, "arch": cfg.arch,
         "adapter": adapter.__name__.rsplit(".", 1)[-1],
         "architectures": hf.get("architectures") or [], "dtype": str(dtype).removeprefix("torch."),
-        "device": str(device), "backend": pick_backend(backend, device),
+        "device": str(device), "backend": run.backend, "run": asdict(run),
         "params": total, "active_params": active, "tied_embeddings": cfg.tie_embeddings,
         "weight_bytes": weight_bytes(model, dtype),
         "weight_bytes_by_dtype": {n: weight_bytes(model, DTYPES[n])
@@ -256,6 +230,7 @@ def format_info(d: dict) -> str:
         + (f" {json.dumps({k: v for k, v in d['rope']['scaling'].items() if k != 'rope_type'})}"
            if d["rope"]["scaling"] else ""))
     lines.append(f"context    {d['context_length']:,} tokens, {pos}")
+    lines.append("runs as     " + ", ".join(f"{k} {v}" for k, v in d["run"].items()) + f" on {d['device']}")
     kv = (f"{human(d['kv_cache_bytes_per_token'])} per token at {d['dtype']}, batch 1 "
           "(measured on the runtime's cache)")
     if d["kv_cache_bytes_per_token_expanded"]:

@@ -8,8 +8,6 @@ parameter (each row of a fused one) is filled exactly once, each shape is checke
 from __future__ import annotations
 
 import json
-import os
-import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,83 +18,33 @@ from safetensors import SafetensorError, safe_open
 from minillm import archs
 
 from . import cpu
-from .config import Config
+from .config import Config, RunSettings
+from .locate import LoadError, default_dtype
 from .model import Decoder
 
-
-class LoadError(Exception):
-    """A checkpoint that cannot be loaded; the message says which file or tensor and why."""
+BACKENDS = ("auto", "torch", "triton")
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-# what a hub download fetches first: never .bin/.pth/.gguf duplicates of the weights
-HUB_META = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "special_tokens_map.json", "tokenizer.model", "model.safetensors.index.json",
-            "pytorch_model.bin.index.json"]
-HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+def pick_backend(backend: str, device: torch.device) -> str:
+    """"auto": the Triton kernels on CUDA when triton is there, else torch."""
+    if backend not in BACKENDS:
+        raise LoadError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return "torch"
+    from minillm.kernels import triton_available
+    ok, why = triton_available()
+    if not ok:
+        if backend == "auto":
+            return "torch"
+        raise LoadError(f"backend 'triton' is not available here: {why}")
+    return "triton"
 
 
-def parse_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if str(dtype).removeprefix("torch.") not in DTYPES:
-        raise LoadError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
-    return DTYPES[str(dtype).removeprefix("torch.")]
-
-
-def parse_device(device, available: bool = True) -> torch.device:
-    """None: CUDA when available, else CPU. A device this machine cannot run on is a LoadError
-    here, not a traceback from the first allocation (`available=False`: only the spelling)."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise LoadError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise LoadError(f"device {str(device)!r} is not supported (use cpu, cuda or cuda:N)")
-    if available and device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device found"
-            raise LoadError(f"device {str(device)!r} is not available: {why}")
-        if (device.index or 0) >= count:
-            raise LoadError(f"device {str(device)!r} is not available: {count} CUDA device(s) here")
-    return device
-
-
-def resolve(name_or_path: str | os.PathLike) -> Path:
-    """A local folder as is; otherwise a hub id, fetched (config, tokenizer, safetensors only)
-    or found in the Hugging Face cache, honouring HF_HUB_OFFLINE and HF_HOME."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise LoadError(f"{path} is a file; give the folder that holds config.json")
-    name = str(name_or_path)
-    if not HUB_ID.match(name):
-        raise LoadError(f"no such folder: {name}")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError)
-    try:
-        path = Path(snapshot_download(name, allow_patterns=HUB_META))
-        # then only the weights the checkpoint uses: the index's shards, else top-level safetensors
-        index = path / "model.safetensors.index.json"
-        shards = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
-                  else ["*.safetensors"])
-        return Path(snapshot_download(name, allow_patterns=shards, ignore_patterns=["*/*"]))
-    except (GatedRepoError, RepositoryNotFoundError) as e:
-        raise LoadError(f"no folder {name!r} here and no accessible hub model of that name "
-                        f"({type(e).__name__})") from None
-    except LocalEntryNotFoundError:
-        from huggingface_hub import constants
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub could not be reached"
-        raise LoadError(f"model {name!r} is not a local folder and not in the Hugging Face cache "
-                        f"({constants.HF_HUB_CACHE}), and {why}") from None
-    except Exception as e:  # network and HTTP errors of every kind
-        raise LoadError(f"could not fetch {name!r} from the hub: {type(e).__name__}: {e}") from None
+def settings(device: torch.device, dtype: torch.dtype, backend: str = "auto") -> RunSettings:
+    """How the model will run, decided before it is built: the backend, and on CPU the matmul
+    plan measured fastest here for this dtype (cpu.plan)."""
+    plan = cpu.plan(dtype) if device.type == "cpu" else "blas"
+    return RunSettings(backend=pick_backend(backend, device), cpu_plan=plan)
 
 
 def read_config(path: Path) -> dict:
@@ -152,18 +100,15 @@ def _no_init():
             setattr(torch.nn.init, n, fn)
 
 
-def build(cfg: Config, device, dtype) -> Decoder:
-    """A Decoder whose parameters are allocated but not initialised (they are about to be filled)."""
-    on_cpu = torch.device(device).type == "cpu"
-    plan = cpu.PLANS[cpu.plan(dtype)] if on_cpu else None   # the measured fastest matmul layout/library
+def build(cfg: Config, device, dtype, run: RunSettings = RunSettings()) -> Decoder:
+    """A Decoder whose parameters are allocated but not initialised (they are about to be filled).
+    Built on the meta device, so the CPU plan's weight layouts cost nothing (set_cpu_plan)."""
     with torch.device("meta"), _no_init():
-        model = Decoder(cfg).to(dtype)
+        model = Decoder(cfg, run).to(dtype)
         for m in model.modules():   # what a module keeps in fp32 whatever the dtype (a router's bias)
             for p in getattr(m, "fp32_params", ()):
                 if hasattr(m, p):
                     setattr(m, p, torch.nn.Parameter(getattr(m, p).float()))
-        if plan:
-            model.set_cpu_plan(*plan)
     allocate(model, device)
     model.reset_buffers()
     return model.eval().requires_grad_(False)
@@ -187,19 +132,46 @@ def allocate(model: Decoder, device):
     model._apply(lambda t: views[id(t)])
 
 
+def checkpoint_names(files: list[Path]) -> dict[str, Path]:
+    """Every tensor name in the checkpoint -> the file holding it (headers only)."""
+    where = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                where.update(dict.fromkeys(f.keys(), file))
+        except SafetensorError as e:
+            raise LoadError(f"corrupt or truncated safetensors file {file}: {e}") from None
+    return where
+
+
+def check_names(adapter, cfg: Config, where: dict[str, Path], files: list[Path]):
+    """Before reading a byte: every tensor has a place, and every tensor the adapter expects
+    (adapter.names) is there; both reported in the checkpoint's own names."""
+    for name, file in where.items():
+        if name.endswith("_scale_inv") and name.removesuffix("_scale_inv") in where:
+            continue                                # an FP8 weight's scales, read with it
+        if adapter.targets(name, cfg) is None:
+            raise LoadError(f"unexpected tensor {name!r} in {file.name}: the {cfg.arch} model has no place for it")
+    missing = [n for n in adapter.names(cfg, where) if n not in where]
+    if missing:
+        index = files[0].parent / "model.safetensors.index.json"
+        shard = json.loads(index.read_text())["weight_map"].get(missing[0]) if index.exists() else None
+        place = (f"{index.name} puts it in {shard}" if shard else
+                 f"not in {files[0].name}" if len(files) == 1 else f"in none of the {len(files)} files")
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise LoadError(f"missing tensor {missing[0]!r}{more}: {place}")
+
+
 def load_weights(model: Decoder, adapter, files: list[Path], progress: bool | None = None,
                  fp8_block: tuple[int, int] | None = None):
     """fp8_block: the checkpoint's FP8 block size (quantization_config.weight_block_size): each
     float8 `X.weight` is dequantised with its `X.weight_scale_inv`, which may sit in another shard."""
     cfg = model.cfg
+    where = checkpoint_names(files)
+    check_names(adapter, cfg, where, files)
     params = dict(model.named_parameters(remove_duplicate=True))
     filled = {name: 0 for name in params}           # values filled so far
-    seen: set[tuple] = set()
-    where = {}                                      # tensor name -> file, to find a weight's scale
-    if fp8_block:
-        for file in files:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                where.update(dict.fromkeys(f.keys(), file))
+    seen: dict[tuple, str] = {}                    # (param, index, rows) -> the tensor that filled it
     total = sum(f.stat().st_size for f in files)
     if progress is None:   # a bar only when loading takes more than a moment
         progress = total > 256 * 2**20 and sys.stderr.isatty()
@@ -216,12 +188,12 @@ def load_weights(model: Decoder, adapter, files: list[Path], progress: bool | No
                     dests = adapter.targets(name, cfg)
                     if dests == archs.IGNORE:
                         continue
-                    if not dests or any(d.param not in params for d in dests):
-                        raise LoadError(f"unexpected tensor {name!r} in {file.name}: "
-                                        f"the {cfg.arch} model has no place for it")
+                    if any(d.param not in params for d in dests):   # an adapter's bug, not the file's
+                        raise LoadError(f"tensor {name!r} maps to {dests[0].param!r}, which the model lacks")
                     t = f.get_tensor(name)
                     if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) or name + "_scale_inv" in where:
-                        t = dequantize_fp8(t, _read(where, name + "_scale_inv", f, file), fp8_block, name)
+                        scale = name + "_scale_inv"
+                        t = dequantize_fp8(t, _read(where, scale, f, file), fp8_block, name)
                     for d in dests:
                         filled[d.param] += _fill(params[d.param], d, t, name, seen)
                     if bar:
@@ -230,12 +202,10 @@ def load_weights(model: Decoder, adapter, files: list[Path], progress: bool | No
             raise LoadError(f"corrupt or truncated safetensors file {file}: {e}") from None
     if bar:
         bar.close()
-    for name, p in params.items():
+    for name, p in params.items():   # check_names saw every expected tensor: this is the adapter's check
         if filled[name] != p.numel():
-            rows = filled[name] / (p.numel() // p.shape[0])
-            what = "missing" if filled[name] == 0 else f"only {rows:g} of {p.shape[0]} rows filled for"
-            raise LoadError(f"{what} parameter {name!r}: no checkpoint tensor maps to it"
-                            if filled[name] == 0 else f"{what} parameter {name!r}")
+            raise LoadError(f"parameter {name!r} is {filled[name]} of {p.numel()} values filled: "
+                            f"the {cfg.arch} adapter's names and targets disagree")
 
 
 def _read(where: dict, name: str, f, file: Path) -> torch.Tensor | None:
@@ -262,36 +232,37 @@ def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor | None, block, name:
     return w.float() * scale                      # (rows, cols) fp32; the copy into the model casts
 
 
-def _fill(param: torch.Tensor, d: archs.Target, t: torch.Tensor, name: str, seen: set) -> int:
+def _fill(param: torch.Tensor, d: archs.Target, t: torch.Tensor, name: str, seen: dict) -> int:
     """Copy t into its destination; -> the number of values filled."""
     key = (d.param, d.index, d.rows)
     if key in seen:
-        at = d.param if d.index is None else f"{d.param}[{d.index}]"
-        raise LoadError(f"tensor {name!r} fills {at} rows {d.rows}, already filled")
-    seen.add(key)
+        raise LoadError(f"tensors {seen[key]!r} and {name!r} both fill the same place ({d.param})")
+    seen[key] = name
+    shape = tuple(t.shape)
     if d.transform is not None:
         t = d.transform(t)
     dest = param if d.index is None else param[d.index]
     dest = dest[d.rows[0]:d.rows[1]] if d.rows else dest
     if tuple(t.shape) != tuple(dest.shape):
-        raise LoadError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(dest.shape)} "
-                        f"for {d.param}")
+        want = (f"{tuple(dest.shape)}" if d.transform is None
+                else f"one that the adapter turns into {tuple(dest.shape)}")
+        raise LoadError(f"tensor {name!r} has shape {shape}, expected {want}")
     with torch.no_grad():
         dest.copy_(t)   # converts dtype and device on the way; the mmapped source is not kept
     return dest.numel()
 
 
-def load_model(path: Path, device: torch.device, dtype: torch.dtype | None, progress=None):
-    """-> (Decoder, hf config dict). dtype None: the checkpoint's own on GPU, float32 on CPU."""
+def load_model(path: Path, device: torch.device, dtype: torch.dtype | None, backend: str = "auto",
+               progress=None) -> tuple[Decoder, dict]:
+    """-> (Decoder, hf config dict). dtype None: locate.default_dtype."""
     hf = read_config(path)
     cfg, adapter = to_config(hf)
     files = weight_files(path)
-    if dtype is None:
-        dtype = torch.float32 if device.type == "cpu" else DTYPES.get(cfg.torch_dtype or "", torch.float32)
+    dtype = dtype or default_dtype(device, cfg.torch_dtype)
     quant = hf.get("quantization_config")
     if quant and (quant.get("quant_method") != "fp8" or len(quant.get("weight_block_size") or ()) != 2):
         raise LoadError(f"config.json: unsupported quantization {quant.get('quant_method')!r} "
                         "(supported: fp8 with a 2-D weight_block_size, as DeepSeek-V3)")
-    model = build(cfg, device, dtype)
+    model = build(cfg, device, dtype, settings(device, dtype, backend))
     load_weights(model, adapter, files, progress, tuple(quant["weight_block_size"]) if quant else None)
     return model, hf

@@ -19,7 +19,7 @@ from torch import nn
 
 from .attention import Step, sdpa, triton_attention
 from .config import Config
-from .model import RMSNorm
+from .layers import Linear, RMSNorm
 from .rope import apply_rope
 
 
@@ -37,25 +37,21 @@ def latent_attention(q_latent, q_pe, c_kv, k_pe, scale: float, mask=None) -> tor
 
 
 class MLAttention(nn.Module):
-    # "auto": absorbed for decode steps (one new token on a cache), materialised otherwise;
-    # "always" / "never" force one path (tests compare the two on the same input)
-    absorb = "auto"
-
     def __init__(self, cfg: Config, layer: int):
         super().__init__()
         self.layer, self.cfg = layer, cfg
         C, H, R = cfg.hidden_size, cfg.num_heads, cfg.kv_lora_rank
         Dn, Dr, Dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         if cfg.q_lora_rank:   # low-rank queries (V2, V3): q = W_UQ norm(W_DQ h)
-            self.q_a = nn.Linear(C, cfg.q_lora_rank, bias=cfg.qkv_bias)
+            self.q_a = Linear(C, cfg.q_lora_rank, bias=cfg.qkv_bias)
             self.q_a_norm = RMSNorm(cfg.q_lora_rank, 1e-6)   # HF and DeepSeek: default eps, not rms_norm_eps
-            self.q_b = nn.Linear(cfg.q_lora_rank, H * (Dn + Dr), bias=False)
+            self.q_b = Linear(cfg.q_lora_rank, H * (Dn + Dr), bias=False)
         else:                 # V2-Lite: one projection
-            self.q = nn.Linear(C, H * (Dn + Dr), bias=False)
-        self.kv_a = nn.Linear(C, R + Dr, bias=cfg.qkv_bias)   # -> [c_kv | k_pe]
+            self.q = Linear(C, H * (Dn + Dr), bias=False)
+        self.kv_a = Linear(C, R + Dr, bias=cfg.qkv_bias)   # -> [c_kv | k_pe]
         self.kv_a_norm = RMSNorm(R, 1e-6)
-        self.kv_b = nn.Linear(R, H * (Dn + Dv), bias=False)  # per head [W_UK; W_UV]
-        self.o = nn.Linear(H * Dv, C, bias=cfg.o_bias)
+        self.kv_b = Linear(R, H * (Dn + Dv), bias=False)  # per head [W_UK; W_UV]
+        self.o = Linear(H * Dv, C, bias=cfg.o_bias)
         self.scale = cfg.attn_scale or 1.0 / math.sqrt(Dn + Dr)
 
     @staticmethod
@@ -76,7 +72,7 @@ class MLAttention(nn.Module):
         k_pe = apply_rope(k_pe[:, :, None], *rope, cfg.rope_interleaved)[:, :, 0]   # (B, T, Dr)
         kv = step.write(self.layer, c_kv=c_kv, k_pe=k_pe)                    # (B, S, R), (B, S, Dr)
         decode = T == 1 and step.cache is not None
-        if self.absorb == "always" or (self.absorb == "auto" and decode):
+        if step.absorb == "always" or (step.absorb == "auto" and decode):   # RunSettings.mla_absorb
             o = self.absorbed(q_nope, q_pe, kv["c_kv"], kv["k_pe"], step)
         else:
             o = self.materialised(q_nope, q_pe, kv["c_kv"], kv["k_pe"], step)

@@ -7,56 +7,19 @@ Parameter names here are the core names that adapters map checkpoints onto, e.g.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from . import cpu
 from .attention import Step
 from .cache import KVCache
-from .config import Config
-from .cpu import onednn_linear
+from .config import Config, RunSettings
+from .layers import MLP, Linear, RMSNorm, make_norm
+from .mla import MLAttention
+from .moe import MoE
 from .rope import Rotary, apply_rope
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x):
-        # x * rsqrt(mean(x^2) + eps) in one call instead of six (bit for bit the same arithmetic)
-        if x.dtype == self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # transformers' order: normalise in fp32, cast back, then scale (matters in bf16)
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose CPU products the loader may hand to oneDNN (Decoder.set_cpu_plan, cpu.py):
-    where MKL takes a generic path (AMD), oneDNN's brgemm is up to 2x faster, the same result to
-    fp32 rounding. The weight stays an ordinary (out, in) parameter either way."""
-    onednn_rows = 0   # oneDNN for inputs of at least this many rows; 0: never
-
-    def forward(self, x):
-        if self.onednn_rows and x.numel() >= self.onednn_rows * x.shape[-1] and x.is_cpu:
-            return onednn_linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
-
-
-def make_norm(cfg: Config, dim: int) -> nn.Module:
-    return RMSNorm(dim, cfg.norm_eps) if cfg.norm == "rms" else nn.LayerNorm(dim, eps=cfg.norm_eps)
-
-
-ACTS = {   # config.ACTIVATIONS
-    "silu": F.silu,
-    "swish": F.silu,
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),   # GPT-2's tanh approximation
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
 
 
 class Attention(nn.Module):
@@ -93,36 +56,12 @@ class Attention(nn.Module):
         return self.o(o.reshape(B, T, -1))
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: Config, intermediate: int | None = None):
-        super().__init__()
-        inter = intermediate or cfg.intermediate_size
-        self.gated, self.act, self.inter = cfg.gated_mlp, ACTS[cfg.act], inter
-        if self.gated:   # act(gate(x)) * up(x), gate and up in one GEMM
-            self.gate_up = Linear(cfg.hidden_size, 2 * inter, bias=cfg.mlp_bias)
-        else:
-            self.up = Linear(cfg.hidden_size, inter, bias=cfg.mlp_bias)
-        self.down = Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
-
-    def forward(self, x):
-        if self.gated:
-            gate, up = self.gate_up(x).split(self.inter, dim=-1)
-            return self.down(self.act(gate) * up)
-        return self.down(self.act(self.up(x)))
-
-
 def make_attention(cfg: Config, layer: int) -> nn.Module:
-    if cfg.attention == "mla":
-        from .mla import MLAttention
-        return MLAttention(cfg, layer)
-    return Attention(cfg, layer)
+    return MLAttention(cfg, layer) if cfg.attention == "mla" else Attention(cfg, layer)
 
 
 def make_mlp(cfg: Config, layer: int) -> nn.Module:
-    if layer in cfg.moe_layers:
-        from .moe import MoE
-        return MoE(cfg)
-    return MLP(cfg)
+    return MoE(cfg) if layer in cfg.moe_layers else MLP(cfg)
 
 
 class Block(nn.Module):
@@ -137,30 +76,37 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: Config):
+    """What runs is cfg (the architecture) plus run (backend, CPU plan, MLA absorption), both
+    fixed here; the loader decides them (loader.settings) and builds this on the meta device."""
+
+    def __init__(self, cfg: Config, run: RunSettings = RunSettings()):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.run = cfg, run
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         if cfg.pos == "learned":
             self.pos_embed = nn.Embedding(cfg.max_position, cfg.hidden_size)
         else:
-            self.rotary = Rotary(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position,
-                                 cfg.rope_interleaved)
+            self.rotary = Rotary(cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = make_norm(cfg, cfg.hidden_size)
         self.head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        self.backend = "torch"
+        self.set_cpu_plan(run.cpu_plan)
 
-    def set_cpu_plan(self, layout: str = "out_in", onednn_rows: int = 0, onednn_min_bytes: int = 2**20):
-        """How the Linear layers multiply on CPU (cpu.py measures which way is fastest here).
-        layout "in_out" keeps each weight's logical (out, in) shape for F.linear but stores it
+    def extra_repr(self) -> str:
+        return f"arch={self.cfg.arch!r}, run={self.run}"
+
+    def set_cpu_plan(self, plan: str, onednn_min_bytes: int = 2**20):
+        """How the Linear layers multiply on CPU (cpu.PLANS; cpu.plan measures which is fastest).
+        Layout "in_out" keeps each weight's logical (out, in) shape for F.linear but stores it
         transposed, w.t().contiguous().t(), so BLAS sees its fast x @ W case. Names, shapes and
         values do not change; a tied head keeps the embedding's layout (which is read by rows).
-        Free on the meta device, which is where the loader calls it: weights are then allocated
-        in their final layout and filled in place. oneDNN (for inputs of >= onednn_rows rows)
-        costs ~10 us more per call than BLAS, more than it saves on a weight under 1 MiB."""
+        Free on the meta device, where the loader builds: weights are then allocated in their
+        final layout and filled in place. oneDNN (for inputs of >= onednn_rows rows) costs ~10 us
+        more per call than BLAS, more than it saves on a weight under 1 MiB."""
+        layout, onednn_rows = cpu.PLANS[plan]
+        self.run = replace(self.run, cpu_plan=plan)
         for m in self.modules():
             if not isinstance(m, Linear):
                 continue
@@ -189,7 +135,7 @@ class Decoder(nn.Module):
         """ids (B, T) -> logits (B, T, vocab); with `last` ((B,) indices into T) only those
         positions' logits, (B, vocab): prefill needs one row per sequence, not T."""
         B, T = ids.shape
-        step = Step(B, T, start, cache, self.backend, ids.device)
+        step = Step(B, T, start, cache, self.run, ids.device)
         x = self.embed(ids)                                    # (B, T, C)
         rope = None
         if self.cfg.pos == "learned":

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config
-from .model import ACTS, MLP
+from .layers import ACTS, MLP
 
 
 class MoE(nn.Module):
@@ -32,6 +32,8 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg, self.act = cfg, ACTS[cfg.act]
         E, C, inter = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        # a plain nn.Linear on purpose: the router runs in fp32 on its fp32 weights (below), never
+        # on the CPU plan or quantized, since a flipped top-k choice is a different expert
         self.router = nn.Linear(C, E, bias=False)
         if cfg.topk_method == "noaux_tc":
             self.e_score_correction_bias = nn.Parameter(torch.zeros(E))

@@ -76,10 +76,9 @@ def rope_frequencies(dim: int, theta: float, scaling: dict | None, max_position:
 class Rotary(torch.nn.Module):
     """cos/sin for given positions, computed once per forward and shared by every layer."""
 
-    def __init__(self, dim, theta, scaling, max_position, interleaved=False):
+    def __init__(self, dim, theta, scaling, max_position):
         super().__init__()
         self.args = (dim, theta, scaling, max_position)
-        self.interleaved = interleaved
         self.reset("cpu")
 
     def reset(self, device):

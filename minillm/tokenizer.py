@@ -13,9 +13,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _Tok
 
-
-class TokenizerError(Exception):
-    pass
+from .errors import TokenizerError
 
 
 def _token_text(tok) -> str | None:

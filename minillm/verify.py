@@ -13,7 +13,6 @@ a bf16 transformers run sits at the same distance from it as ours should).
 """
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import sys
@@ -22,7 +21,9 @@ from pathlib import Path
 
 import torch
 
+from . import hf
 from .api import LLM, load
+from .locate import LoadError
 
 NEAR_TIE = 1e-3   # a greedy divergence where the reference's top-2 logits are closer than this is a tie
 
@@ -153,20 +154,12 @@ def transformers_reference(llm: LLM, prompts: list[tuple[list[int], str | None]]
     """The same checkpoint in transformers, float32, on our device: greedy continuation with its
     KV cache (stopping at our eos ids), then one full forward for the logits."""
     try:
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        raise VerifyError("--reference transformers needs the transformers package: "
-                          "pip install 'minillm[test]' (or pip install transformers)") from None
-    from transformers.utils import logging as hf_logging
-    device, bar = llm.device, hf_logging.is_progress_bar_enabled()
-    if not sys.stderr.isatty():   # its "Loading weights" bar only where someone watches
-        hf_logging.disable_progress_bar()
-    try:
-        ref = AutoModelForCausalLM.from_pretrained(llm.path, dtype=torch.float32).to(device).eval()
-    finally:
-        if bar and not hf_logging.is_progress_bar_enabled():
-            hf_logging.enable_progress_bar()
-    eos, out, kw = set(llm.eos_token_ids), [], hf_cache_name(ref)
+        ref = hf.load_reference(llm.path, torch.float32, llm.device, what="--reference transformers",
+                                progress=sys.stderr.isatty())
+    except LoadError as e:
+        raise VerifyError(str(e)) from None
+    device = llm.device
+    eos, out, kw = set(llm.eos_token_ids), [], hf.cache_kwarg(ref)
     with torch.no_grad():   # not inference_mode: transformers' forward runs ~10x slower under it (5.23, CPU)
         for ids, text in prompts:
             n = min(new_tokens, llm.config.max_position - len(ids))
@@ -181,12 +174,6 @@ def transformers_reference(llm: LLM, prompts: list[tuple[list[int], str | None]]
             logits = ref(torch.tensor([seq], device=device)).logits[0].float().cpu()   # (T, V)
             out.append(Reference(seq, len(ids), logits, text))
     return out
-
-
-def hf_cache_name(model) -> str:
-    """transformers 5.24 renamed the KV cache argument and output field `past_key_values` -> `cache`
-    (the old name still works, with a warning); use whichever this version's forward takes."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def save_reference(refs: list[Reference], path, model: str = ""):

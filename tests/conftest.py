@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from minillm import random_checkpoint
+
 CORPUS = """def fibonacci(n):
     if n < 2:
         return n
@@ -29,26 +31,12 @@ for i in range(10):
 The quick brown fox jumps over the lazy dog. Naïve café — 日本語のテキスト, emoji 🙂.
 """ * 4
 
-SPECIALS = ["<|endoftext|>", "<s>", "</s>"]
 
 
 def build_tokenizer(folder: Path, add_bos: bool | None):
     """A byte-level BPE trained on CORPUS (about 300 tokens), saved as transformers does."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([CORPUS], trainer)
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    conf = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
-            "model_max_length": 256}
-    if add_bos is not None:
-        conf["add_bos_token"] = add_bos
-    (folder / "tokenizer_config.json").write_text(json.dumps(conf))
-    return tok.get_vocab_size()
+    return random_checkpoint.build_tokenizer(folder, CORPUS, vocab_size=320, add_bos=add_bos,
+                                             model_max_length=256)
 
 
 VOCAB = 320
@@ -100,15 +88,9 @@ ARCHS = list(VARIANTS)
 
 
 def build_checkpoint(name: str, folder: Path):
-    from transformers import AutoModelForCausalLM, GenerationConfig
     make, save, add_bos = VARIANTS[name]
-    torch.manual_seed(sum(map(ord, name)))
-    model = AutoModelForCausalLM.from_config(make())
-    if "dtype" in save:
-        model = model.to(save["dtype"])
-    model.generation_config = GenerationConfig(bos_token_id=model.config.bos_token_id,
-                                               eos_token_id=model.config.eos_token_id)
-    model.save_pretrained(folder, **{k: v for k, v in save.items() if k != "dtype"})
+    save = dict(save)
+    random_checkpoint.save_random_model(folder, make(), seed=sum(map(ord, name)), dtype=save.pop("dtype", None), **save)
     build_tokenizer(folder, add_bos)
 
 

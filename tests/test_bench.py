@@ -8,6 +8,7 @@ from conftest import run_cli
 
 import minillm
 from minillm import archs, bench, cpu
+from minillm.bench.table import higher_is_better
 from minillm.loader import LoadError
 
 RUN = ["bench", "--random", "tiny", "--prompt-len", "8,16", "--new-tokens", "4", "--batch", "1,2",
@@ -64,7 +65,7 @@ def test_bench_compare_transformers_gives_ratios(env, ours_only):
     assert sorted(theirs) == sorted(ours) == sorted(m for m in MEASURES if m != "cold_start_s")
     assert sorted(out["ratios"]) == sorted(ours)
     for k, ratio in out["ratios"].items():   # > 1 means ours wins: rates ours/theirs, else theirs/ours
-        expected = ours[k] / theirs[k] if bench.higher_is_better(k) else theirs[k] / ours[k]
+        expected = ours[k] / theirs[k] if higher_is_better(k) else theirs[k] / ours[k]
         assert ratio == pytest.approx(expected) and ratio > 0
 
 
@@ -104,17 +105,18 @@ def test_every_cpu_plan_gives_the_same_logits(plan, checkpoints):
         pytest.skip("this torch has no oneDNN")
     llm = minillm.load(checkpoints["llama-gqa-tied-llama3"], device="cpu")
     ids = torch.randint(3, 300, (2, 19), generator=torch.Generator().manual_seed(0))
-    llm.model.set_cpu_plan("out_in", 0)
+    llm.model.set_cpu_plan("blas")
     ref = llm.logits(ids)
     layout, rows = cpu.PLANS[plan]
-    llm.model.set_cpu_plan(layout, rows, onednn_min_bytes=0)   # oneDNN even on tiny weights
+    llm.model.set_cpu_plan(plan, onednn_min_bytes=0)   # oneDNN even on tiny weights
+    assert llm.model.run.cpu_plan == plan
     qkv = llm.model.layers[0].attn.qkv
     assert qkv.weight.shape == (128, 64) and qkv.onednn_rows == rows
     assert (qkv.weight.stride() == (1, 128)) == (layout == "in_out")
     assert llm.model.head.weight is llm.model.embed.weight
     assert (llm.logits(ids) - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
     got = llm.generate("def fibonacci(n):", max_new_tokens=8, temperature=0).token_ids
-    llm.model.set_cpu_plan("out_in", 0)
+    llm.model.set_cpu_plan("blas")
     assert got == llm.generate("def fibonacci(n):", max_new_tokens=8, temperature=0).token_ids
 
 

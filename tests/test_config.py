@@ -91,7 +91,7 @@ def test_rope_frequencies_match_transformers(scaling, spelling):
 
 def test_activations_are_named_in_one_place():
     from minillm.config import ACTIVATIONS
-    from minillm.model import ACTS
+    from minillm.layers import ACTS
     assert set(ACTS) == set(ACTIVATIONS)
     with pytest.raises(ValueError, match=r"unsupported activation 'xielu' \(supported: silu"):
         to_config({**LLAMA32_1B, "hidden_act": "xielu"})

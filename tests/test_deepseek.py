@@ -2,6 +2,7 @@
 logits, greedy generation, cached decoding, absorbed vs materialised MLA, the latent cache's size."""
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -134,8 +135,7 @@ def close(a, b, tol=1e-4):
 
 
 def set_absorb(model, mode):
-    for block in model.layers:
-        block.attn.absorb = mode
+    model.run = replace(model.run, mla_absorb=mode)   # read by every layer through the Step
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -300,3 +300,20 @@ def test_published_configs():
     assert sum(s[0] for s in shapes.values()) == 576                      # 512 + 64 values per layer
     with pytest.raises(ValueError, match="router"):
         deepseek.to_config(dict(V3, scoring_func="softmax"))
+
+
+def test_missing_expert_is_named_as_the_checkpoint_names_it(folders, tmp_path):
+    """Stacked experts are filled from one tensor per expert: a missing one is reported by its own
+    name, not as an unfilled slice of layers.1.mlp.experts_gate_up."""
+    import shutil
+
+    from safetensors.torch import load_file
+    src = folders["v3"][0]
+    shutil.copytree(src, tmp_path / "v3")
+    file = next((tmp_path / "v3").glob("*.safetensors"))
+    sd = load_file(file)
+    sd.pop("model.layers.1.mlp.experts.3.up_proj.weight")
+    save_file(sd, file, metadata={"format": "pt"})
+    with pytest.raises(LoadError, match=r"missing tensor 'model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight': "
+                                        r"not in model\.safetensors"):
+        minillm.load(tmp_path / "v3", device="cpu")

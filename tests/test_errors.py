@@ -58,11 +58,11 @@ def cases(tmp_path, llama):
     missing = tmp_path / "missing"
     shutil.copytree(llama, missing)
     rewrite(missing, lambda sd: sd.pop("model.layers.1.self_attn.k_proj.weight"))
-    out["missing tensor"] = (missing, "only 128 of 192 rows filled for parameter 'layers.1.attn.qkv.weight'")
+    out["missing tensor"] = (missing, "missing tensor 'model.layers.1.self_attn.k_proj.weight': not in model.safetensors")
     missing2 = tmp_path / "missing2"
     shutil.copytree(llama, missing2)
     rewrite(missing2, lambda sd: sd.pop("model.norm.weight"))
-    out["missing whole"] = (missing2, "missing parameter 'norm.weight'")
+    out["missing whole"] = (missing2, "missing tensor 'model.norm.weight': not in model.safetensors")
     extra = tmp_path / "extra"
     shutil.copytree(llama, extra)
     rewrite(extra, lambda sd: sd.update({"model.layers.0.self_attn.extra.weight": torch.zeros(2)}))
@@ -150,3 +150,28 @@ def test_token_ids_outside_the_vocabulary(llama):
     with pytest.raises(ValueError, match="token id -1 is outside the vocabulary"):
         llm.logits([[3, -1]])
     assert llm.logits([[0, V - 1]]).shape == (1, 2, V)
+
+
+def test_missing_tensor_names_the_shard_that_should_hold_it(checkpoints, tmp_path):
+    """A sharded checkpoint: the index says which shard should have held the missing tensor."""
+    src = tmp_path / "sharded"
+    shutil.copytree(checkpoints["llama-linear-sharded"], src)
+    index = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.1.mlp.up_proj.weight"
+    rewrite_file = src / index[name]
+    sd = load_file(rewrite_file)
+    sd.pop(name)
+    save_file(sd, rewrite_file, metadata={"format": "pt"})
+    with pytest.raises(LoadError) as e:
+        minillm.load(src, device="cpu")
+    assert str(e.value) == (f"missing tensor {name!r}: model.safetensors.index.json puts it in {index[name]}")
+
+
+def test_transposed_gpt2_tensor_of_the_wrong_shape(checkpoints, tmp_path):
+    """GPT-2's Conv1D weights are transposed on the way in: the error gives the file's shape."""
+    src = tmp_path / "gpt2"
+    shutil.copytree(checkpoints["gpt2"], src)
+    rewrite(src, lambda sd: sd.update({"transformer.h.0.mlp.c_fc.weight": torch.zeros(64, 100)}))
+    with pytest.raises(LoadError, match=r"tensor 'transformer\.h\.0\.mlp\.c_fc\.weight' has shape \(64, 100\), "
+                                        r"expected one that the adapter turns into \(256, 64\)"):
+        minillm.load(src, device="cpu")

@@ -4,6 +4,8 @@ against the torch backend.
 
 Runs on CPU through the Triton interpreter (tests/run.sh sets TRITON_INTERPRET=1 for
 tests/test_kernels*.py), or on a CUDA device; skips where neither can run the kernels."""
+from dataclasses import replace
+
 import pytest
 import torch
 from test_deepseek import build, cached_logits, close, ids_for
@@ -32,10 +34,10 @@ def test_triton_decode_equals_torch(llm, monkeypatch):
         real = getattr(kernels, fn)
         monkeypatch.setattr(kernels, fn, lambda *a, fn=fn, real=real: calls.append(fn) or real(*a))
     try:
-        model.backend = "triton"
+        model.run = replace(model.run, backend="triton")
         got = cached_logits(model, ids, [6] + [1] * 6)
     finally:
-        model.backend = "torch"
+        model.run = replace(model.run, backend="torch")
     assert close(got.float(), ref.float())
     L = model.cfg.num_layers   # the prefill and every decode step, in every layer, on the kernels
     assert calls == ["prefill_attention"] * L + ["mla_decode"] * 6 * L
@@ -45,8 +47,8 @@ def test_triton_batch_of_unequal_prompts(llm):
     prompts = ["def fibonacci(n):", "import os", "The quick brown fox jumps"]
     ref = llm.generate(prompts, max_new_tokens=6, temperature=0)
     try:
-        llm.model.backend = "triton"   # each sequence decodes at its own position: kv_len differs
+        llm.model.run = replace(llm.model.run, backend="triton")   # each sequence decodes at its own position: kv_len differs
         got = llm.generate(prompts, max_new_tokens=6, temperature=0)
     finally:
-        llm.model.backend = "torch"
+        llm.model.run = replace(llm.model.run, backend="torch")
     assert [r.token_ids for r in got] == [r.token_ids for r in ref]

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(
 def test_triton_backend_equals_torch(name, checkpoints):
     torch_llm = minillm.load(checkpoints[name], device="cpu", backend="torch")
     triton_llm = minillm.load(checkpoints[name], device="cpu", backend="triton")
-    assert triton_llm.model.backend == "triton"
+    assert triton_llm.model.run.backend == "triton"
     ids = torch.randint(3, VOCAB, (2, 21), generator=torch.Generator().manual_seed(5))
     ref, got = torch_llm.logits(ids), triton_llm.logits(ids)
     assert (got - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())

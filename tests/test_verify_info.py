@@ -129,7 +129,7 @@ def test_greedy_divergence_at_a_near_tie_counts_as_agreement(llama, tmp_path):
 
 def test_verify_without_transformers_says_how_to_install(llama, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)   # import transformers -> ImportError
-    with pytest.raises(VerifyError, match=r"pip install 'minillm\[test\]'"):
+    with pytest.raises(VerifyError, match=r'pip install -e "\.\[test\]"'):
         minillm.verify(llama, device="cpu")
 
 

@@ -1,0 +1,73 @@
+"""The layers every architecture shares: norms, the one Linear, activations, the MLP.
+
+Every projection of every architecture (attention, MLP, MLA's low-rank and latent maps, the head) is
+this module's `Linear`, so one mechanism decides how products run: the CPU plan (cpu.py) and, next,
+quantized weights. Nothing here knows an architecture; the decoder (model.py) assembles them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config
+from .cpu import onednn_linear
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # x * rsqrt(mean(x^2) + eps) in one call instead of six (bit for bit the same arithmetic)
+        if x.dtype == self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # transformers' order: normalise in fp32, cast back, then scale (matters in bf16)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose CPU products may go to oneDNN (set by the run's CPU plan, see
+    Decoder.apply_cpu_plan and cpu.py): where MKL takes a generic path (AMD), oneDNN's brgemm is up
+    to 2x faster, the same result to fp32 rounding. The weight stays an ordinary (out, in)
+    parameter either way (its storage may be transposed)."""
+    onednn_rows = 0   # oneDNN for inputs of at least this many rows; 0: never
+
+    def forward(self, x):
+        if self.onednn_rows and x.numel() >= self.onednn_rows * x.shape[-1] and x.is_cpu:
+            return onednn_linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def make_norm(cfg: Config, dim: int) -> nn.Module:
+    return RMSNorm(dim, cfg.norm_eps) if cfg.norm == "rms" else nn.LayerNorm(dim, eps=cfg.norm_eps)
+
+
+ACTS = {   # config.ACTIVATIONS
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),   # GPT-2's tanh approximation
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config, intermediate: int | None = None):
+        super().__init__()
+        inter = intermediate or cfg.intermediate_size
+        self.gated, self.act, self.inter = cfg.gated_mlp, ACTS[cfg.act], inter
+        if self.gated:   # act(gate(x)) * up(x), gate and up in one GEMM
+            self.gate_up = Linear(cfg.hidden_size, 2 * inter, bias=cfg.mlp_bias)
+        else:
+            self.up = Linear(cfg.hidden_size, inter, bias=cfg.mlp_bias)
+        self.down = Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        if self.gated:
+            gate, up = self.gate_up(x).split(self.inter, dim=-1)
+            return self.down(self.act(gate) * up)
+        return self.down(self.act(self.up(x)))
