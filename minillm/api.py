@@ -160,6 +160,8 @@ class LLM:
 
     def chat_eos(self, chat_template: str | None = None) -> set[int]:
         """The eos ids plus the template's end-of-turn token (ChatTemplate.end_of_turn)."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path} has no tokenizer.json: chat needs one")
         special = {t: i for t, i in self.tokenizer.special_tokens().items() if i < self.config.vocab_size}
         eot = self._template(chat_template).end_of_turn(special, chat_template)
         return set(self.eos_token_ids) | ({eot} if eot is not None else set())

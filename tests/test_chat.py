@@ -380,3 +380,20 @@ def test_real_instruct_model_smollm2(smollm2):
     assert "Paris" in "".join(s.send("What is the capital of France?", 24, temperature=0))
     assert "Berlin" in "".join(s.send("And of Germany?", 24, temperature=0))
     assert s.prefilled < 20   # the second turn computed its own few tokens, not the history
+
+
+@pytest.mark.parametrize("conf, stmap", [
+    ({"bos_token": {"__type": "AddedToken", "content": "<|im_start|>"}, "image_token": "<s>",
+      "extra_special_tokens": {"audio_token": "</s>"}, "add_bos_token": True}, None),
+    ({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}, {"bos_token": {"content": "<s>"}, "pad_token": "</s>"}),
+    ({"bos_token": "<|im_start|>", "added_tokens_decoder": {}}, {"bos_token": "<s>"}),   # the map is then ignored
+])
+def test_special_tokens_as_transformers_passes_them(families, tmp_path, conf, stmap):
+    from transformers import AutoTokenizer
+
+    from minillm.chat import special_tokens
+    shutil.copy(families["smollm2"] / "tokenizer.json", tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **conf}))
+    if stmap:
+        (tmp_path / "special_tokens_map.json").write_text(json.dumps(stmap))
+    assert special_tokens(tmp_path) == AutoTokenizer.from_pretrained(tmp_path).special_tokens_map
