@@ -149,7 +149,7 @@ def chat(model, device, dtype, backend, system, chat_template, max_new_tokens, *
         except EXPECTED as e:
             if not tty:                   # scripted: an error ends the run (exit 1)
                 raise
-            click.echo(f"minillm: error: {e}", err=True)
+            click.echo(f"minillm: error: {e} (/reset starts over)", err=True)
             continue
         click.echo("\n")                  # the reply's end, then a blank line
 
