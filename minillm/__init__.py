@@ -11,7 +11,8 @@ import sys
 import types
 
 __version__ = "0.1.0"
-_WHERE = {"load": "api", "LLM": "api", "GenerationResult": "api", "Config": "config",
+_WHERE = {"load": "api", "LLM": "api", "GenerationResult": "api", "ChatSession": "api",
+          "ChatTemplate": "chat", "ChatTemplateError": "chat", "Config": "config",
           "RunSettings": "config", "DEFAULT_MODEL": "locate", "LoadError": "errors",
           "verify": "verify", "VerifyReport": "verify", "info": "info"}
 __all__ = list(_WHERE)

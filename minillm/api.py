@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from .chat import ChatTemplate, ChatTemplateError, special_tokens
 from .config import Config
 from .generate import Sampling, run
 from .loader import load_model
@@ -83,13 +85,13 @@ class LLM:
         return Sampling(float(temperature or 0.0), pick(top_k, "top_k"), pick(top_p, "top_p"),
                         pick(min_p, "min_p"), pick(repetition_penalty, "repetition_penalty"))
 
-    def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-             seed, stop):
+    def _run(self, prompts, max_new_tokens, temperature=None, top_k=None, top_p=None, min_p=None,
+             repetition_penalty=None, seed=None, stop=None, eos=None, cache=None, start=0):
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         sampling = self._settings(temperature, top_k, top_p, min_p, repetition_penalty)
         ids = [self.encode(p) for p in prompts]
         return run(self.model, self.tokenizer, ids, max_new_tokens, sampling,
-                   set(self.eos_token_ids), stop, seed)
+                   set(self.eos_token_ids) if eos is None else eos, stop, seed, cache, start)
 
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
@@ -115,6 +117,125 @@ class LLM:
             piece = seq.ready_text()
             if piece:
                 yield piece
+
+    # -- chat ---------------------------------------------------------------------------------
+
+    @cached_property
+    def chat_template(self) -> ChatTemplate | None:
+        """The checkpoint's chat template (None where it has none); assign a ChatTemplate to replace it."""
+        return ChatTemplate.from_dir(self.path) if self.path.is_dir() else None
+
+    def _template(self, chat_template: str | None) -> ChatTemplate:
+        if self.chat_template is not None:
+            return self.chat_template
+        if chat_template is None:
+            raise ChatTemplateError(
+                f"{self.path} has no chat template (no chat_template.jinja, chat_template.json or chat_template "
+                "in tokenizer_config.json): give one with chat_template=TEXT_OR_FILE (CLI: --chat-template FILE)")
+        return ChatTemplate({}, special_tokens(self.path) if self.path.is_dir() else {})
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tools=None, tokenize: bool = False,
+                            chat_template: str | None = None, **template_kwargs):
+        """messages -> the rendered prompt (str), or with tokenize=True its token ids, as transformers'
+        tokenizer.apply_chat_template gives them (special tokens parsed, no BOS added twice)."""
+        text = self._template(chat_template).render(messages, add_generation_prompt, tools,
+                                                    chat_template=chat_template, **template_kwargs)
+        if not tokenize:
+            return text
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path} has no tokenizer.json: tokenize=True needs one")
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def chat_eos(self, chat_template: str | None = None) -> set[int]:
+        """The eos ids plus the template's end-of-turn token (ChatTemplate.end_of_turn)."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path} has no tokenizer.json: chat needs one")
+        special = {t: i for t, i in self.tokenizer.special_tokens().items() if i < self.config.vocab_size}
+        eot = self._template(chat_template).end_of_turn(special, chat_template)
+        return set(self.eos_token_ids) | ({eot} if eot is not None else set())
+
+    def _chat(self, messages, max_new_tokens, sampling: dict, tools, chat_template, template_kwargs):
+        ids = self.apply_chat_template(messages, True, tools, True, chat_template, **template_kwargs)
+        return self._run([ids], max_new_tokens, **sampling, eos=self.chat_eos(chat_template))
+
+    def chat(self, messages, max_new_tokens: int = 256, temperature: float | None = None, top_k: int | None = None,
+             top_p: float | None = None, min_p: float | None = None, repetition_penalty: float | None = None,
+             seed: int | None = None, stop=None, tools=None, chat_template: str | None = None,
+             **template_kwargs) -> GenerationResult:
+        """The assistant's reply to `messages` (rendered with the chat template) as a GenerationResult;
+        it ends at an eos id or the template's end-of-turn token (finish_reason "eos")."""
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        repetition_penalty=repetition_penalty, seed=seed, stop=stop)
+        for (seq,) in self._chat(messages, max_new_tokens, sampling, tools, chat_template, template_kwargs):
+            pass
+        return GenerationResult(seq.text, seq.tokens, seq.finish_reason)
+
+    def stream_chat(self, messages, max_new_tokens: int = 256, temperature: float | None = None,
+                    top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                    repetition_penalty: float | None = None, seed: int | None = None, stop=None, tools=None,
+                    chat_template: str | None = None, **template_kwargs) -> Iterator[str]:
+        """The reply of chat() as text pieces (whole characters)."""
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        repetition_penalty=repetition_penalty, seed=seed, stop=stop)
+        for (seq,) in self._chat(messages, max_new_tokens, sampling, tools, chat_template, template_kwargs):
+            piece = seq.ready_text()
+            if piece:
+                yield piece
+
+
+class ChatSession:
+    """A conversation that keeps its KV cache between turns. Each turn renders the whole history,
+    keeps the cache for the longest token prefix the new render shares with what the cache holds,
+    and prefills only the rest: the new user turn where the render extends the previous one, more
+    where the template re-renders earlier turns differently (Qwen3 drops old <think> blocks)."""
+
+    def __init__(self, llm: LLM, system: str | None = None, chat_template: str | None = None, **template_kwargs):
+        self.llm, self.system, self.chat_template, self.kwargs = llm, system, chat_template, template_kwargs
+        llm._template(chat_template).check(chat_template)   # no template, or one that does not parse: fail now
+        self.eos = llm.chat_eos(chat_template)
+        self.reset()
+
+    def reset(self):
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.cache, self.cached = None, []   # the tokens whose K/V the cache holds, in order
+        self.prefilled = 0                   # tokens the last turn computed in its prefill
+
+    def _fit(self, keep: int, need: int):
+        """A cache of at least `need` slots holding the first `keep` cached tokens."""
+        if self.cache is not None and self.cache.max_len >= need:
+            return
+        size = min(self.llm.config.max_position, max(need, 2 * (self.cache.max_len if self.cache else 0)))
+        new = self.llm.model.new_cache(1, size)
+        if self.cache is not None:
+            for name, t in self.cache.tensors.items():    # (layers, 1, max_len, ...)
+                new.tensors[name][:, :, :keep] = t[:, :, :keep]
+        self.cache = new
+
+    def send(self, text: str, max_new_tokens: int = 512, **sampling) -> Iterator[str]:
+        """One user turn: streams the reply's text; history and cache are updated even if the
+        caller stops reading (Ctrl-C), with the reply so far."""
+        self.messages.append({"role": "user", "content": text})
+        seq, keep = None, len(self.cached)
+        try:
+            prompt = self.llm.apply_chat_template(self.messages, tokenize=True, chat_template=self.chat_template,
+                                                  **self.kwargs)
+            keep = 0
+            while keep < min(len(self.cached), len(prompt) - 1) and self.cached[keep] == prompt[keep]:
+                keep += 1
+            self._fit(keep, min(self.llm.config.max_position, len(prompt) + max_new_tokens))
+            self.prefilled = len(prompt) - keep
+            for (seq,) in self.llm._run([prompt], max_new_tokens, **sampling, eos=self.eos, cache=self.cache,
+                                        start=keep):
+                piece = seq.ready_text()
+                if piece:
+                    yield piece
+        finally:
+            if seq is None:      # nothing generated (an error, or stopped in the prefill): no turn
+                self.messages.pop()
+                self.cached = self.cached[:keep]     # a prefill writes from `keep` on
+            else:
+                self.cached = prompt + seq.tokens[:-1]   # the last token was sampled, never forwarded
+                self.messages.append({"role": "assistant", "content": seq.text})
 
 
 def load(name_or_path: str | Path | None = None, device=None, dtype=None, backend: str = "auto",

@@ -47,6 +47,25 @@ def model_options(fn):
     return fn
 
 
+def sampling_options(fn):
+    for opt in reversed([
+        click.option("--temperature", type=float, default=None, help="0 = greedy (default: generation_config.json)."),
+        click.option("--top-k", type=int, default=None),
+        click.option("--top-p", type=float, default=None),
+        click.option("--min-p", type=float, default=None),
+        click.option("--repetition-penalty", type=float, default=None),
+        click.option("--seed", type=int, default=None),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def chat_options(fn):
+    fn = click.option("--chat-template", default=None, metavar="FILE",
+                      help="A Jinja chat template file (or a .json holding chat_template): replaces the model's.")(fn)
+    return click.option("--system", default=None, help="A system message opening the conversation.")(fn)
+
+
 @click.group()
 @click.version_option(package_name="minillm")
 def main():
@@ -57,27 +76,82 @@ def main():
 @model_options
 @click.argument("prompt")
 @click.option("-n", "--max-new-tokens", default=128, show_default=True, type=int)
-@click.option("--temperature", type=float, default=None, help="0 = greedy (default: generation_config.json).")
-@click.option("--top-k", type=int, default=None)
-@click.option("--top-p", type=float, default=None)
-@click.option("--min-p", type=float, default=None)
-@click.option("--repetition-penalty", type=float, default=None)
-@click.option("--seed", type=int, default=None)
+@sampling_options
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--chat", is_flag=True, help="PROMPT is one user message, rendered with the chat template; "
+                                           "print only the reply.")
+@chat_options
 @friendly
-def generate(model, device, dtype, backend, prompt, max_new_tokens, temperature, top_k, top_p, min_p,
-             repetition_penalty, seed, stop):
+def generate(model, device, dtype, backend, prompt, max_new_tokens, stop, chat, system, chat_template, **sampling):
     """Stream the completion of PROMPT to stdout."""
+    if (system or chat_template) and not chat:
+        raise ValueError("--system and --chat-template need --chat")
     from .api import load
     llm = load(model, device=device, dtype=dtype, backend=backend)
-    pieces = llm.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                        stop=list(stop) or None)
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        pieces = llm.stream_chat(messages, max_new_tokens, **sampling, stop=list(stop) or None,
+                                 chat_template=chat_template)
+    else:
+        pieces = llm.stream(prompt, max_new_tokens=max_new_tokens, **sampling, stop=list(stop) or None)
     first = next(pieces, "")       # a bad setting fails here, before anything is printed
-    click.echo(prompt + first, nl=False)   # echo flushes: each piece shows as soon as it is decoded
+    click.echo(("" if chat else prompt) + first, nl=False)   # echo flushes: pieces show as they are decoded
     for piece in pieces:
         click.echo(piece, nl=False)
     click.echo()
+
+
+CHAT_HELP = "/reset starts over, /exit (or Ctrl-D) leaves, /help shows this; Ctrl-C stops a reply."
+
+
+@main.command()
+@model_options
+@chat_options
+@click.option("-n", "--max-new-tokens", default=512, show_default=True, type=int, help="Per reply.")
+@sampling_options
+@friendly
+def chat(model, device, dtype, backend, system, chat_template, max_new_tokens, **sampling):
+    """Talk with an instruct model through its chat template. From a terminal: interactive, replies
+    stream. Piped: one user message per line, each reply followed by a blank line."""
+    from .api import ChatSession, load
+    llm = load(model, device=device, dtype=dtype, backend=backend)
+    session = ChatSession(llm, system, chat_template)
+    tty = sys.stdin.isatty()
+    if tty:
+        click.echo(f"minillm chat with {llm.path.name}. {CHAT_HELP}", err=True)
+    while True:
+        try:
+            line = input(">>> ") if tty else sys.stdin.readline()
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            click.echo("\n(/exit or Ctrl-D leaves)", err=True)
+            continue
+        if not tty and not line:          # end of the piped input
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text in ("/reset", "/help") or text.startswith("/") and " " not in text:
+            if text == "/reset":
+                session.reset()
+            click.echo("(conversation cleared)" if text == "/reset" else CHAT_HELP, err=True)
+            continue
+        pieces = session.send(line.rstrip("\n"), max_new_tokens, **sampling)
+        try:
+            for piece in pieces:
+                click.echo(piece, nl=False)
+        except KeyboardInterrupt:         # stop this reply, keep the conversation
+            pieces.close()
+            click.echo(" [stopped]", nl=False)
+        except EXPECTED as e:
+            if not tty:                   # scripted: an error ends the run (exit 1)
+                raise
+            click.echo(f"minillm: error: {e} (/reset starts over)", err=True)
+            continue
+        click.echo("\n")                  # the reply's end, then a blank line
 
 
 @main.command()

@@ -102,8 +102,10 @@ class Sequence:
 
 @torch.inference_mode()
 def run(model: Decoder, tokenizer: Tokenizer | None, prompts: list[list[int]], max_new_tokens: int,
-        sampling: Sampling, eos: set[int], stop: list[str], seed: int | None):
-    """Yields the list of Sequences after every step; the last yield has all of them finished."""
+        sampling: Sampling, eos: set[int], stop: list[str], seed: int | None, cache=None, start: int = 0):
+    """Yields the list of Sequences after every step; the last yield has all of them finished.
+    `cache` (one prompt only): a cache already holding the prompt's first `start` tokens, which
+    are not computed again (a chat turn prefills only what it adds); it must fit the whole run."""
     cfg, device = model.cfg, model.embed.weight.device
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -124,12 +126,13 @@ def run(model: Decoder, tokenizer: Tokenizer | None, prompts: list[list[int]], m
         gen = torch.Generator(device=device)
         gen.manual_seed(seed if seed is not None else torch.seed())
     B, T = len(prompts), max(lens)
-    cache = model.new_cache(B, min(cfg.max_position, T + budget))
+    if cache is None:
+        cache, start = model.new_cache(B, min(cfg.max_position, T + budget)), 0
     ids = torch.zeros(B, T, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
         ids[b, :len(p)] = torch.tensor(p, dtype=torch.long)
     lengths = torch.tensor(lens, device=device)
-    logits = model(ids, 0, cache, last=lengths - 1)                  # (B, V)
+    logits = model(ids[:, start:], start, cache, last=lengths - 1 - start)   # (B, V)
     pos = lengths.clone()                                             # where each next token goes
     uniform = B == 1 or len(set(lens)) == 1       # one shared position: an int start
     for step in range(budget):

@@ -46,8 +46,14 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Special tokens written in the text (<|im_end|>) are always parsed as such;
+        add_special_tokens=False skips the post-processor (a chat render writes its own BOS)."""
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def special_tokens(self) -> dict[str, int]:
+        """text -> id of the tokens tokenizer.json marks special."""
+        return {t.content: i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from minillm import random_checkpoint
+from minillm.random_checkpoint import SPECIALS  # noqa: F401  (tests import it from here)
 
 CORPUS = """def fibonacci(n):
     if n < 2:
