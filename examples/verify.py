@@ -12,6 +12,10 @@ from pathlib import Path
 import minillm
 
 model = sys.argv[1] if len(sys.argv) > 1 else None
+try:
+    import transformers  # noqa: F401  (the reference)
+except ImportError:
+    sys.exit('examples/verify.py needs transformers: pip install -e ".[test]" in a minillm checkout')
 
 # 1. against transformers on the same checkpoint: fp32 passes at max |diff| <= 1e-4 x max |ref logit|
 llm = minillm.load(model, device="cpu")

@@ -40,6 +40,9 @@ def triton_available() -> tuple[bool, str]:
     They run on CUDA devices, or on CPU tensors through the Triton interpreter, which needs
     TRITON_INTERPRET=1 in the environment *before* triton was first imported.
     """
+    if isinstance(TRITON_IMPORT_ERROR, ImportError):
+        return False, ("triton is not installed (pip install triton; in a minillm checkout: pip install -e "
+                       "\".[gpu]\"; a CUDA build of torch brings its own)")
     if TRITON_IMPORT_ERROR is not None:
         return False, f"triton is not importable: {TRITON_IMPORT_ERROR!r}"
     if torch.cuda.is_available():

@@ -11,7 +11,8 @@ import torch
 
 from .chat import ChatTemplate, ChatTemplateError, special_tokens
 from .config import Config
-from .generate import Sampling, run
+from .errors import UsageError
+from .generate import Sampling, heal, run
 from .loader import load_model
 from .locate import LoadError, parse_device, parse_dtype, resolve
 from .model import Decoder
@@ -64,7 +65,7 @@ class LLM:
         V = self.config.vocab_size
         bad = next((t for t in ids if not 0 <= t < V), None)
         if bad is not None:
-            raise ValueError(f"token id {bad} is outside the vocabulary (0..{V - 1})")
+            raise UsageError(f"token id {bad} is outside the vocabulary (0..{V - 1})")
 
     @torch.inference_mode()
     def logits(self, input_ids) -> torch.Tensor:
@@ -86,34 +87,44 @@ class LLM:
                         pick(min_p, "min_p"), pick(repetition_penalty, "repetition_penalty"))
 
     def _run(self, prompts, max_new_tokens, temperature=None, top_k=None, top_p=None, min_p=None,
-             repetition_penalty=None, seed=None, stop=None, eos=None, cache=None, start=0):
+             repetition_penalty=None, seed=None, stop=None, eos=None, cache=None, start=0,
+             token_healing=False):
         stop = [stop] if isinstance(stop, str) else list(stop or [])
+        if "" in stop:   # would match at once: nothing generated, and no error to say why
+            raise UsageError("an empty stop string would stop before the first token")
         sampling = self._settings(temperature, top_k, top_p, min_p, repetition_penalty)
         ids = [self.encode(p) for p in prompts]
+        heals = [heal(self.tokenizer, i) if isinstance(p, str) and (
+            token_healing or (token_healing is None and p.endswith((" ", "\t")))) else None
+            for p, i in zip(prompts, ids)]
+        ids = [h.ids if h else i for h, i in zip(heals, ids)]
         return run(self.model, self.tokenizer, ids, max_new_tokens, sampling,
-                   set(self.eos_token_ids) if eos is None else eos, stop, seed, cache, start)
+                   set(self.eos_token_ids) if eos is None else eos, stop, seed, cache, start, heals)
 
-    def generate(self, prompt, max_new_tokens: int = 64, temperature: float | None = None,
+    def generate(self, prompt, max_new_tokens: int = 128, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-                 repetition_penalty: float | None = None, seed: int | None = None, stop=None):
-        """One prompt (str or list[int]) -> GenerationResult; a list of prompts -> a list."""
+                 repetition_penalty: float | None = None, seed: int | None = None, stop=None,
+                 token_healing: bool | None = None):
+        """One prompt (str or list[int]) -> GenerationResult; a list of prompts -> a list.
+        token_healing (generate.Heal): None heals text prompts that end in a space or tab (they
+        end mid-token), True any text prompt, False none."""
         batch = isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], int)
         prompts = list(prompt) if batch else [prompt]
         for seqs in self._run(prompts, max_new_tokens, temperature, top_k, top_p, min_p,
-                              repetition_penalty, seed, stop):
+                              repetition_penalty, seed, stop, token_healing=token_healing):
             pass
         results = [GenerationResult(s.text, s.tokens, s.finish_reason) for s in seqs]
         return results if batch else results[0]
 
-    def stream(self, prompt, max_new_tokens: int = 64, temperature: float | None = None,
+    def stream(self, prompt, max_new_tokens: int = 128, temperature: float | None = None,
                top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                repetition_penalty: float | None = None, seed: int | None = None,
-               stop=None) -> Iterator[str]:
+               stop=None, token_healing: bool | None = None) -> Iterator[str]:
         """Text pieces of one prompt's completion as they are decoded (whole characters only)."""
         if self.tokenizer is None:
             raise ValueError(f"{self.path} has no tokenizer.json: streaming needs one")
         for (seq,) in self._run([prompt], max_new_tokens, temperature, top_k, top_p, min_p,
-                                repetition_penalty, seed, stop):
+                                repetition_penalty, seed, stop, token_healing=token_healing):
             piece = seq.ready_text()
             if piece:
                 yield piece

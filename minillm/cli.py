@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from .errors import LoadError, TokenizerError
+from .errors import LoadError, TokenizerError, UsageError
 
 EXPECTED = (LoadError, TokenizerError, ValueError, FileNotFoundError, OSError)
 
@@ -18,18 +18,20 @@ def fail(msg: str, code: int = 1):
     sys.exit(code)
 
 
-def friendly(fn=None, *, code: int = 1):
-    """Turn expected failures into one clear line and a non-zero exit (`code`; verify uses 2,
-    keeping 1 for its verdict). Use as @friendly or @friendly(code=2)."""
-    if fn is None:
-        return functools.partial(friendly, code=code)
+USAGE, FAILURE, VERIFY_FAIL = 2, 1, 3   # exit codes: README "Exit codes"
 
+
+def friendly(fn):
+    """Expected failures become one clear line and an exit code: 2 for a bad argument (UsageError,
+    as click's own usage errors), 1 for anything else that went wrong; never a traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except UsageError as e:
+            fail(str(e), USAGE)
         except EXPECTED as e:
-            fail(str(e) or type(e).__name__, code)
+            fail(str(e) or type(e).__name__, FAILURE)
         except KeyboardInterrupt:
             fail("interrupted", 130)
     return wrapper
@@ -81,11 +83,15 @@ def main():
 @click.option("--chat", is_flag=True, help="PROMPT is one user message, rendered with the chat template; "
                                            "print only the reply.")
 @chat_options
+@click.option("--token-healing/--no-token-healing", default=None,
+              help="Back up the prompt's last token and make the first new token extend it (default: "
+                   "when the prompt ends in a space or tab, i.e. mid-token).")
 @friendly
-def generate(model, device, dtype, backend, prompt, max_new_tokens, stop, chat, system, chat_template, **sampling):
+def generate(model, device, dtype, backend, prompt, max_new_tokens, stop, chat, system, chat_template,
+             token_healing, **sampling):
     """Stream the completion of PROMPT to stdout."""
     if (system or chat_template) and not chat:
-        raise ValueError("--system and --chat-template need --chat")
+        raise UsageError("--system and --chat-template need --chat")
     from .api import load
     llm = load(model, device=device, dtype=dtype, backend=backend)
     if chat:
@@ -93,7 +99,8 @@ def generate(model, device, dtype, backend, prompt, max_new_tokens, stop, chat, 
         pieces = llm.stream_chat(messages, max_new_tokens, **sampling, stop=list(stop) or None,
                                  chat_template=chat_template)
     else:
-        pieces = llm.stream(prompt, max_new_tokens=max_new_tokens, **sampling, stop=list(stop) or None)
+        pieces = llm.stream(prompt, max_new_tokens=max_new_tokens, **sampling, stop=list(stop) or None,
+                            token_healing=token_healing)
     first = next(pieces, "")       # a bad setting fails here, before anything is printed
     click.echo(("" if chat else prompt) + first, nl=False)   # echo flushes: pieces show as they are decoded
     for piece in pieces:
@@ -168,9 +175,10 @@ def chat(model, device, dtype, backend, system, chat_template, max_new_tokens, *
 @click.option("--tol", default=1e-4, show_default=True, type=float,
               help="fp32: pass when max|diff| <= tol x max(1, max|reference logit|).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@friendly(code=2)
+@friendly
 def verify(model, device, dtype, backend, prompt_texts, prompts_file, new_tokens, reference, save, tol, as_json):
-    """Check minillm's logits against a reference. Exit 0: pass, 1: fail, 2: error."""
+    """Check minillm's logits against a reference. Exit 0: PASS, 3: FAIL; 1: it could not run,
+    2: a bad argument."""
     import json
     from pathlib import Path
 
@@ -184,19 +192,19 @@ def verify(model, device, dtype, backend, prompt_texts, prompts_file, new_tokens
         else:
             extra = [p for p in text.splitlines() if p.strip()]
         if not isinstance(extra, list) or not extra:
-            raise ValueError(f"{prompts_file}: expected a non-empty list of prompts")
+            raise UsageError(f"{prompts_file}: expected a non-empty list of prompts")
         prompts = (prompts or []) + extra
     try:
         rep = run_verify(model, prompts=prompts, new_tokens=new_tokens, dtype=dtype, device=device,
                          backend=backend, reference=reference, tol=tol, save=save)
     except EXPECTED:
         raise
-    except Exception:   # a crash must not read as a verdict (exit 1): show it, exit 2
+    except Exception:   # a crash must not read as a verdict: show it, exit 1
         import traceback
         traceback.print_exc()
-        sys.exit(2)
+        sys.exit(FAILURE)
     click.echo(json.dumps(rep.to_dict()) if as_json else format_report(rep))
-    sys.exit(0 if rep.passed else 1)
+    sys.exit(0 if rep.passed else VERIFY_FAIL)
 
 
 @main.command()
@@ -254,9 +262,9 @@ def bench(model, device, dtype, backend, shape, prompt_len, new_tokens, batch, c
     from .bench import random_checkpoint, report
     from .locate import resolve
     if shape and model:
-        raise ValueError("give -m MODEL or --random SHAPE, not both")
-    path = random_checkpoint(shape) if shape else resolve(model)
+        raise UsageError("give -m MODEL or --random SHAPE, not both")
     log = (lambda msg: None) if as_json else (lambda msg: click.echo(f"# {msg}", err=True))
+    path = random_checkpoint(shape, log) if shape else resolve(model)
     out = run_bench(path, device=device, dtype=dtype, backend=backend, prompt_lens=prompt_len,
                     new_tokens=new_tokens, batches=batch, compare=compare, repeat=repeat, threads=threads,
                     cold_start=cold_start, log=log)

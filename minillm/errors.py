@@ -8,3 +8,8 @@ class LoadError(Exception):
 
 class TokenizerError(Exception):
     """A tokenizer file that cannot be read."""
+
+
+class UsageError(ValueError):
+    """A bad argument: a value out of range, an unknown name, options that do not go together.
+    The CLI exits 2 on it (as click's own usage errors do); on other failures it exits 1."""

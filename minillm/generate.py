@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import UsageError
 from .model import Decoder
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -32,7 +33,7 @@ class Sampling:
                                ("repetition_penalty", self.repetition_penalty is None or self.repetition_penalty > 0,
                                 "> 0 (1: off)")):
             if not ok:
-                raise ValueError(f"{name} must be {want}, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be {want}, got {getattr(self, name)}")
 
 
 def next_tokens(logits: torch.Tensor, s: Sampling, seen: torch.Tensor | None, gen) -> torch.Tensor:
@@ -62,6 +63,34 @@ def next_tokens(logits: torch.Tensor, s: Sampling, seen: torch.Tensor | None, ge
 
 
 @dataclass
+class Heal:
+    """Token healing (transformers' `token_healing`, after Microsoft's Guidance): a prompt that ends
+    mid-token ("def " ends in a lone space, which the model almost never saw alone: in training the
+    space belongs to the next word, " fibonacci") is backed up by its last token, and the first new
+    token must be one whose text extends the removed text. That text is the prompt's, so it is
+    dropped from the output: "def " + "fibonacci(n):" rather than "def " + " + 1"."""
+    ids: list[int]               # the prompt without its last token
+    tail: str                    # the removed token's text
+    allowed: list[int]           # first tokens whose text starts with `tail`
+    context: list[int]           # the token before, for decoders that look back (sentencepiece)
+
+
+def heal(tokenizer: Tokenizer, ids: list[int]) -> Heal | None:
+    """-> how to heal this prompt's end, or None where it cannot be (one token, a partial character)."""
+    if len(ids) < 2:
+        return None
+    ctx = ids[-2:-1]               # one token of context keeps each candidate's text as it reads in place
+    base = tokenizer.decode(ctx)
+    whole = tokenizer.decode(ctx + ids[-1:])
+    tail = whole[len(base):]
+    if not whole.startswith(base) or not tail or "\ufffd" in tail:
+        return None
+    texts = tokenizer.tok.decode_batch([ctx + [c] for c in range(tokenizer.tok.get_vocab_size())])
+    allowed = [c for c, t in enumerate(texts) if t.startswith(base) and t[len(base):].startswith(tail)]
+    return Heal(ids[:-1], tail, allowed, ctx) if allowed else None
+
+
+@dataclass
 class Sequence:
     """One prompt's progress: its new tokens, their text so far, and why it stopped."""
     prompt: list[int]
@@ -71,6 +100,7 @@ class Sequence:
     text: str = ""
     emitted: int = 0                  # characters of text handed out by stream()
     finish_reason: str | None = None
+    heal: str = ""                    # text the first tokens repeat from the prompt (Heal.tail)
 
     def add(self, token: int, eos: set[int]):
         self.tokens.append(token)
@@ -79,6 +109,8 @@ class Sequence:
             return
         if self.decoder is not None:
             self.text += self.decoder.push(token)
+            if self.heal and self.text.startswith(self.heal):
+                self.text, self.heal = self.text[len(self.heal):], ""
             for s in self.stop:
                 if s in self.text:
                     self.text = self.text[:self.text.index(s)]
@@ -102,19 +134,23 @@ class Sequence:
 
 @torch.inference_mode()
 def run(model: Decoder, tokenizer: Tokenizer | None, prompts: list[list[int]], max_new_tokens: int,
-        sampling: Sampling, eos: set[int], stop: list[str], seed: int | None, cache=None, start: int = 0):
+        sampling: Sampling, eos: set[int], stop: list[str], seed: int | None, cache=None, start: int = 0,
+        heals: list[Heal | None] | None = None):
     """Yields the list of Sequences after every step; the last yield has all of them finished.
+    `heals`: per prompt, a Heal whose `ids` are the prompt given, or None (see heal()).
     `cache` (one prompt only): a cache already holding the prompt's first `start` tokens, which
     are not computed again (a chat turn prefills only what it adds); it must fit the whole run."""
     cfg, device = model.cfg, model.embed.weight.device
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     lens = [len(p) for p in prompts]
     if min(lens) == 0:
         raise ValueError("empty prompt: give at least one token")
     if max(lens) > cfg.max_position:
-        raise ValueError(f"prompt of {max(lens)} tokens exceeds the model's context of {cfg.max_position}")
-    seqs = [Sequence(p, StreamDecoder(tokenizer) if tokenizer else None, stop) for p in prompts]
+        raise UsageError(f"prompt of {max(lens)} tokens exceeds the model's context of {cfg.max_position}")
+    heals = heals or [None] * len(prompts)
+    seqs = [Sequence(p, StreamDecoder(tokenizer, h.context if h else ()) if tokenizer else None, stop,
+                     heal=h.tail if h else "") for p, h in zip(prompts, heals)]
     budget = min(max_new_tokens, cfg.max_position - min(lens))
     if budget <= 0:
         for s in seqs:
@@ -135,6 +171,11 @@ def run(model: Decoder, tokenizer: Tokenizer | None, prompts: list[list[int]], m
     logits = model(ids[:, start:], start, cache, last=lengths - 1 - start)   # (B, V)
     pos = lengths.clone()                                             # where each next token goes
     uniform = B == 1 or len(set(lens)) == 1       # one shared position: an int start
+    if any(heals):                                                    # the first token extends the tail
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        for b, h in enumerate(heals):
+            keep[b, h.allowed if h else slice(None)] = True
+        logits = logits.masked_fill(~keep, float("-inf"))
     for step in range(budget):
         seen = _seen(seqs, device) if sampling.repetition_penalty else None
         tok = next_tokens(logits, sampling, seen, gen)

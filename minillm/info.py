@@ -18,6 +18,7 @@ import torch
 
 from .cache import KVCache
 from .loader import build, read_config, settings, to_config, weight_files
+from .errors import UsageError
 from .locate import DTYPES, LoadError, default_dtype, hub_errors, parse_device, parse_dtype, resolve
 
 MEASURE_LEN = 64                      # tokens of cache allocated to measure bytes per token
@@ -34,7 +35,7 @@ def parse_size(size) -> int:
         return int(size)
     m = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", str(size))
     if not m or m[2].lower() not in UNITS:
-        raise ValueError(f"cannot read memory size {size!r} (e.g. 24GiB, 80GB, 512MiB)")
+        raise UsageError(f"cannot read memory size {size!r} (e.g. 24GiB, 80GB, 512MiB)")
     return int(float(m[1]) * UNITS[m[2].lower()])
 
 

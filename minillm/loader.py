@@ -19,6 +19,7 @@ from minillm import archs
 
 from . import cpu
 from .config import Config, RunSettings
+from .errors import UsageError
 from .locate import LoadError, default_dtype
 from .model import Decoder
 
@@ -28,7 +29,7 @@ BACKENDS = ("auto", "torch", "triton")
 def pick_backend(backend: str, device: torch.device) -> str:
     """"auto": the Triton kernels on CUDA when triton is there, else torch."""
     if backend not in BACKENDS:
-        raise LoadError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+        raise UsageError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return "torch"
     from minillm.kernels import triton_available

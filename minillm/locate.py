@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import LoadError
+from .errors import LoadError, UsageError
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "minillm-pycode-5m"
 # what a hub download fetches first: never .bin/.pth/.gguf duplicates of the weights
@@ -81,7 +81,7 @@ def parse_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if str(dtype).removeprefix("torch.") not in DTYPES:
-        raise LoadError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
+        raise UsageError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
     return DTYPES[str(dtype).removeprefix("torch.")]
 
 
@@ -101,9 +101,9 @@ def parse_device(device, available: bool = True) -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise LoadError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
+        raise UsageError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
     if device.type not in ("cpu", "cuda"):
-        raise LoadError(f"device {str(device)!r} is not supported (use cpu, cuda or cuda:N)")
+        raise UsageError(f"device {str(device)!r} is not supported (use cpu, cuda or cuda:N)")
     if available and device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:

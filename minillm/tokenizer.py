@@ -68,11 +68,11 @@ class StreamDecoder:
     that starts a few tokens back and emit what it adds beyond the text already emitted.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, context: list[int] = ()):
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0   # window start
-        self.read = 0     # tokens whose text has been emitted
+        self.ids: list[int] = list(context)   # context: tokens before the new ones, never emitted
+        self.prefix = 0                        # window start
+        self.read = len(self.ids)              # tokens whose text has been emitted
 
     def push(self, token: int) -> str:
         self.ids.append(token)

@@ -23,6 +23,7 @@ import torch
 
 from . import hf
 from .api import LLM, load
+from .errors import UsageError
 from .locate import LoadError
 
 NEAR_TIE = 1e-3   # a greedy divergence where the reference's top-2 logits are closer than this is a tie
@@ -107,16 +108,16 @@ def verify(model_or_path=None, prompts=None, new_tokens: int = 16, dtype=None, d
     against `reference`: "transformers" or a safetensors file of `input_ids.K` / `logits.K` pairs.
     `save`: write the reference's logits in that format. Raises VerifyError when it cannot run."""
     if new_tokens < 0:
-        raise VerifyError(f"new_tokens must be >= 0, got {new_tokens}")
+        raise UsageError(f"new_tokens must be >= 0, got {new_tokens}")
     if not tol > 0:
-        raise VerifyError(f"tol must be > 0, got {tol}")
+        raise UsageError(f"tol must be > 0, got {tol}")
     llm = model_or_path if isinstance(model_or_path, LLM) else load(model_or_path, device, dtype, backend)
     if str(reference) == "transformers":
         refs = transformers_reference(llm, _prompt_ids(llm, prompts, new_tokens), new_tokens)
         source = "transformers"
     else:
         if prompts:
-            raise VerifyError("a saved reference fixes the prompts (its input_ids); do not pass prompts too")
+            raise UsageError("a saved reference fixes the prompts (its input_ids); do not pass prompts too")
         refs, source = read_reference(reference), str(reference)
     if save is not None:
         save_reference(refs, save, model=str(llm.path))
@@ -131,7 +132,7 @@ def _prompt_ids(llm: LLM, prompts, new_tokens: int) -> list[tuple[list[int], str
     one = isinstance(prompts, str) or (given and len(prompts) > 0 and isinstance(prompts[0], int))
     prompts = [prompts] if one else list(prompts if given else DEFAULT_PROMPTS)   # str | ids: one prompt
     if not prompts:
-        raise VerifyError("no prompts given")
+        raise UsageError("no prompts given")
     if llm.tokenizer is None and any(isinstance(p, str) for p in prompts):
         raise VerifyError(f"{llm.path} has no tokenizer.json: give prompts as lists of token ids")
     room = llm.config.max_position - new_tokens
@@ -142,7 +143,7 @@ def _prompt_ids(llm: LLM, prompts, new_tokens: int) -> list[tuple[list[int], str
             raise VerifyError(f"prompt {p!r} encodes to no tokens")
         if len(ids) > room:
             if given:
-                raise VerifyError(f"a prompt of {len(ids)} tokens + {new_tokens} new tokens exceeds the "
+                raise UsageError(f"a prompt of {len(ids)} tokens + {new_tokens} new tokens exceeds the "
                                   f"model's context of {llm.config.max_position}")
             ids = ids[len(ids) - max(room, 1):]
         out.append((ids, p if isinstance(p, str) else None))

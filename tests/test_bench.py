@@ -9,7 +9,7 @@ from conftest import run_cli
 import minillm
 from minillm import archs, bench, cpu
 from minillm.bench.table import higher_is_better
-from minillm.loader import LoadError
+from minillm.errors import UsageError
 
 RUN = ["bench", "--random", "tiny", "--prompt-len", "8,16", "--new-tokens", "4", "--batch", "1,2",
        "--repeat", "1", "--threads", "1", "--json"]
@@ -71,12 +71,12 @@ def test_bench_compare_transformers_gives_ratios(env, ours_only):
 
 def test_bench_errors_are_one_line(env):
     r = run_cli("bench", "--random", "llama-7t", env=env)
-    assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "minillm: error: unknown shape 'llama-7t' (choose from tiny, llama-125m, deepseek-moe)"]
     r = run_cli("bench", "--random", "tiny", "-m", "some/model", env=env)
-    assert r.returncode != 0 and "not both" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and "not both" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run_cli("bench", "--random", "tiny", "--prompt-len", "8,x", env=env)
-    assert r.returncode != 0 and "positive integers" in r.stderr
+    assert r.returncode == 2 and "positive integers" in r.stderr
 
 
 @pytest.mark.parametrize("shape", list(bench.SHAPES))
@@ -136,6 +136,15 @@ def test_cpu_plan_override_and_weights_in_one_allocation(checkpoints, monkeypatc
     cpu._plan.cache_clear()
 
 
-def test_unknown_shape_is_a_load_error():
-    with pytest.raises(LoadError, match="unknown shape"):
+def test_unknown_shape_is_a_usage_error():
+    with pytest.raises(UsageError, match="unknown shape"):
         bench.random_checkpoint("gpt-5")
+
+
+def test_bench_defaults_work_on_the_default_model(env):
+    """The default prompt lengths (128, 512) + 64 new tokens do not all fit the default model's
+    512-token context: what does not fit is skipped and said, the rest measured."""
+    r = run_cli("bench", "--batch", "1", "--repeat", "1", "--threads", "1", "--no-cold-start", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "skipped prompt length 512: + 64 new tokens exceeds the model's context of 512" in r.stderr
+    assert "prefill tok/s, prompt 128" in r.stdout and "prompt 512" not in r.stdout

@@ -2,6 +2,8 @@
 non-zero exit, no traceback)."""
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import minillm
 from minillm import LoadError
+from minillm.errors import UsageError
 
 
 @pytest.fixture
@@ -87,21 +90,21 @@ def test_cli_bad_inputs_exit_nonzero_with_one_line(tmp_path, llama):
     for name in ["missing folder", "unknown arch", "truncated", "bin only", "sentencepiece only", "misshaped"]:
         src, fragment = picked[name]
         r = run_cli("generate", "-m", str(src), "hi", "-n", "2")
-        assert r.returncode != 0, name
+        assert r.returncode == 1, name   # a file that cannot be loaded: a runtime failure
         assert "Traceback" not in r.stderr and fragment in r.stderr, (name, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, (name, r.stderr)
 
 
 def test_cli_prompt_too_long_is_a_clear_error(llama):
     r = run_cli("generate", "-m", str(llama), "import os " * 200, "-n", "2")
-    assert r.returncode != 0 and "exceeds the model's context of 256" in r.stderr
+    assert r.returncode == 2 and "exceeds the model's context of 256" in r.stderr
     assert "Traceback" not in r.stderr
 
 
 def test_bad_dtype_and_backend(llama):
-    with pytest.raises(LoadError, match="unknown dtype 'float8'"):
+    with pytest.raises(UsageError, match="unknown dtype 'float8'"):
         minillm.load(llama, device="cpu", dtype="float8")
-    with pytest.raises(LoadError, match="unknown backend 'cuda'"):
+    with pytest.raises(UsageError, match="unknown backend 'cuda'"):
         minillm.load(llama, device="cpu", backend="cuda")
 
 
@@ -109,13 +112,13 @@ def test_device_this_machine_cannot_use_is_one_line(llama):
     """A device that does not exist here fails before any allocation, in one line (not torch's
     AssertionError from deep inside the first CUDA call)."""
     absent = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
-    for device, msg in ((absent, f"device '{absent}' is not available"), ("gpu", "unknown device 'gpu'"),
-                        ("mps", "device 'mps' is not supported")):
-        with pytest.raises(LoadError, match=msg):
+    for device, msg, code in ((absent, f"device '{absent}' is not available", 1),
+                              ("gpu", "unknown device 'gpu'", 2), ("mps", "device 'mps' is not supported", 2)):
+        with pytest.raises((LoadError, UsageError), match=msg):
             minillm.load(llama, device=device)
         r = run_cli("generate", "-m", str(llama), "x", "-n", "1", "--device", device)
         lines = r.stderr.strip().splitlines()
-        assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"minillm: error: {msg}")
+        assert r.returncode == code and len(lines) == 1 and lines[0].startswith(f"minillm: error: {msg}")
     # info only reads costs: a GPU's figures can be read on a CPU-only machine
     assert minillm.info(llama, device="cuda")["device"] == "cuda"
 
@@ -132,7 +135,7 @@ def test_out_of_range_sampling_settings_are_errors_not_other_distributions(llama
         llm.generate("def", max_new_tokens=-1)
     assert llm.generate("def", max_new_tokens=3, temperature=1.0, top_k=0, seed=0).token_ids   # 0: off
     r = run_cli("generate", "-m", str(llama), "def", "--top-p", "2")
-    assert r.returncode == 1 and r.stdout == "" and r.stderr.strip() == "minillm: error: top_p must be in (0, 1], got 2.0"
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.strip() == "minillm: error: top_p must be in (0, 1], got 2.0"
 
 
 def test_unreadable_tokenizer_json_is_one_line(llama):
@@ -175,3 +178,41 @@ def test_transposed_gpt2_tensor_of_the_wrong_shape(checkpoints, tmp_path):
     with pytest.raises(LoadError, match=r"tensor 'transformer\.h\.0\.mlp\.c_fc\.weight' has shape \(64, 100\), "
                                         r"expected one that the adapter turns into \(256, 64\)"):
         minillm.load(src, device="cpu")
+
+
+def test_exit_codes_one_rule(llama):
+    """README's rule: 2 for a bad argument (ours and click's alike), 1 when something fails."""
+    for args in (["--temperature", "-1"], ["--top-p", "2"], ["--dtype", "foo"], ["--stop", ""],
+                 ["--backend", "cuda"], ["-n", "x"]):
+        r = run_cli("generate", "-m", str(llama), "def", *args)
+        assert r.returncode == 2 and r.stdout == "", (args, r.stderr)
+    r = run_cli("generate", "-m", str(llama) + "-missing", "def")
+    assert r.returncode == 1 and r.stderr.startswith("minillm: error: no such folder")
+
+
+def test_empty_stop_string_is_refused(llama):
+    llm = minillm.load(llama, device="cpu")
+    with pytest.raises(UsageError, match="empty stop string"):
+        llm.generate("def", max_new_tokens=4, stop=["\n", ""])
+    r = run_cli("generate", "-m", str(llama), "def", "--stop", "")
+    assert r.stderr.strip() == "minillm: error: an empty stop string would stop before the first token"
+
+
+def test_help_and_version_import_no_torch():
+    """Commands import what they need when they run: --help never pays for torch."""
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom minillm.cli import main\n"
+            "for a in (['--help'], ['--version'], ['generate', '--help']):\n"
+            "    assert CliRunner().invoke(main, a).exit_code == 0\n"
+            "print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
+def test_triton_backend_without_triton_says_how_to_get_it(llama):
+    """triton is an extra (minillm[gpu]): asking for its backend without it is one line saying so."""
+    code = (f"import sys; sys.modules['triton'] = None\nimport minillm\n"
+            f"try:\n    minillm.load({str(llama)!r}, device='cpu', backend='triton')\n"
+            f"except minillm.LoadError as e:\n    print(e)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.startswith("backend 'triton' is not available here: triton is not installed"), r.stdout + r.stderr
+    assert '.[gpu]' in r.stdout

@@ -94,3 +94,39 @@ def test_generation_config_defaults(checkpoints, tmp_path):
     a = llm.generate("def ", max_new_tokens=12, seed=1)
     b = llm.generate("def ", max_new_tokens=12, seed=1)
     assert a.token_ids == b.token_ids
+
+
+def test_token_healing_extends_the_prompts_last_token(llm, checkpoints, reference):
+    """"def " ends in a lone space token: healed, the prompt loses it and the first new token must
+    start with it; the text returned leaves the space out (it is the prompt's), and the tokens are
+    transformers' greedy under the same first-token constraint."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+    tok = llm.tokenizer
+    ids = tok.encode("def ")
+    assert tok.decode(ids[-1:]) == " "
+    healed = llm.generate("def ", max_new_tokens=8, temperature=0)             # default: heals
+    first = tok.decode(ids[-2:-1] + healed.token_ids[:1])[len(tok.decode(ids[-2:-1])):]
+    assert first.startswith(" ") and len(first) > 1                             # extends the space
+    assert "def " + healed.text == tok.decode(ids[:-1] + healed.token_ids)      # no doubled space
+    plain = llm.generate("def ", max_new_tokens=8, temperature=0, token_healing=False)
+    assert plain.token_ids == llm.generate(ids, max_new_tokens=8, temperature=0).token_ids
+    assert healed.token_ids != plain.token_ids
+
+    allowed = [i for i in range(tok.tok.get_vocab_size()) if tok.decode(ids[-2:-1] + [i]).startswith("def ")]
+
+    class FirstToken(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] == len(ids) - 1:
+                mask = torch.full_like(scores, float("-inf"))
+                mask[:, allowed] = 0
+                scores = scores + mask
+            return scores
+    ref = reference(checkpoints["llama-gqa-tied-llama3"]).generate(
+        torch.tensor([ids[:-1]]), max_new_tokens=8, do_sample=False, logits_processor=LogitsProcessorList([FirstToken()]),
+        pad_token_id=2, eos_token_id=None)
+    assert healed.token_ids == ref[0, len(ids) - 1:].tolist()
+    # a prompt ending in a whole token is not healed unless asked; token-id prompts never
+    assert llm.generate("def fibonacci(n):", max_new_tokens=4, temperature=0).token_ids == \
+        llm.generate(tok.encode("def fibonacci(n):"), max_new_tokens=4, temperature=0).token_ids
+    streamed = "".join(llm.stream("def ", max_new_tokens=8, temperature=0))
+    assert streamed == healed.text

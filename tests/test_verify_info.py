@@ -141,28 +141,29 @@ def test_cli_verify_json_and_exit_codes(llama, tmp_path):
     out = json.loads(r.stdout)
     assert REPORT_KEYS <= set(out) and out["passed"] is True and len(out["prompts"]) == 2
     assert ROW_KEYS <= set(out["prompts"][0]) and isinstance(out["top1_agreement"], float)
-    # the model under test perturbed on disk, checked against the saved reference: exit 1
+    # the model under test perturbed on disk, checked against the saved reference: FAIL, exit 3
     bad = tmp_path / "bad"
     shutil.copytree(llama, bad)
     sd = load_file(bad / "model.safetensors")
     sd["model.layers.0.self_attn.q_proj.weight"] *= 1.01
     save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
     r = run_cli("verify", "-m", str(bad), "--device", "cpu", "--reference", str(ref), "--json")
-    assert r.returncode == 1, r.stderr
+    assert r.returncode == 3, r.stderr
     out = json.loads(r.stdout)
     assert out["passed"] is False and out["max_abs_diff"] > out["thresholds"]["max_abs_diff"]
 
 
-def test_cli_verify_errors_exit_2_in_one_line(llama, tmp_path):
+def test_cli_verify_errors_in_one_line(llama, tmp_path):
+    """Exit 1 when verify cannot run, 2 for a bad argument: neither reads as the FAIL verdict (3)."""
     runner = CliRunner()
     missing = str(tmp_path / "x.safetensors")
-    for args, msg in [(["-m", str(tmp_path / "nope")], "no such folder"),
-                      (["-m", str(llama), "--reference", missing], "no such reference file"),
-                      (["-m", str(llama), "--prompts", missing], "No such file"),
-                      (["-m", str(llama), "--tol", "-1"], "tol must be > 0"),
-                      (["-m", str(llama), "--new-tokens", "-2"], "new_tokens must be >= 0")]:
+    for args, msg, code in [(["-m", str(tmp_path / "nope")], "no such folder", 1),
+                            (["-m", str(llama), "--reference", missing], "no such reference file", 1),
+                            (["-m", str(llama), "--prompts", missing], "No such file", 1),
+                            (["-m", str(llama), "--tol", "-1"], "tol must be > 0", 2),
+                            (["-m", str(llama), "--new-tokens", "-2"], "new_tokens must be >= 0", 2)]:
         r = runner.invoke(main, ["verify", "--device", "cpu", *args])
-        assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output
+        assert r.exit_code == code and msg in r.output and "Traceback" not in r.output, (args, r.output)
 
 
 # ---------------------------------------------------------------- info
@@ -321,4 +322,4 @@ def test_cli_info_json_and_text(checkpoints):
     assert text.exit_code == 0 and "activations not counted" in text.output
     assert "tied embeddings counted once" in text.output
     bad = CliRunner().invoke(main, ["info", "-m", str(path), "--memory", "lots"])
-    assert bad.exit_code == 1 and "cannot read memory size 'lots'" in bad.output
+    assert bad.exit_code == 2 and "cannot read memory size 'lots'" in bad.output

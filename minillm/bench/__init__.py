@@ -24,7 +24,8 @@ import torch
 from ..cpu import cache_root, cpu_name
 from ..hf import require as hf_require
 from ..random_checkpoint import build_tokenizer, save_random_model
-from ..locate import LoadError, default_dtype, parse_device, parse_dtype
+from ..errors import UsageError
+from ..locate import default_dtype, parse_device, parse_dtype
 from .child import measure_cold_start, measure_load
 from .memory import PeakRssAnon, bytes_per_token, read_bandwidth, rss_anon, weight_bytes
 from .table import ratios, report
@@ -52,16 +53,18 @@ COMMON = dict(max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddin
 PROMPT_TEXT = "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1)\n" * 8
 
 
-def random_checkpoint(shape: str) -> Path:
+def random_checkpoint(shape: str, log=None) -> Path:
     """A random-weight checkpoint of a named shape, built once (with transformers) and cached."""
     if shape not in SHAPES:
-        raise LoadError(f"unknown shape {shape!r} (choose from {', '.join(SHAPES)})")
+        raise UsageError(f"unknown shape {shape!r} (choose from {', '.join(SHAPES)})")
     config = {**COMMON, **SHAPES[shape]}
     key = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
     folder = cache_root() / "bench" / f"{shape}-{key}"
     if (folder / "config.json").exists():
         return folder
     transformers = hf_require("--random")
+    if log:
+        log(f"building the random {shape} checkpoint once (transformers, seed 0) in {folder}")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{shape}-", dir=folder.parent))
     fields = dict(config)
@@ -108,10 +111,10 @@ def bench(path, device=None, dtype=None, backend="auto", prompt_lens=(128, 512),
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
     if new_tokens < 2:
-        raise ValueError("--new-tokens must be at least 2 (decode is timed after the first token)")
+        raise UsageError("--new-tokens must be at least 2 (decode is timed after the first token)")
     names = ["ours"] + ([compare] if compare else [])
     if compare and compare not in SYSTEMS:
-        raise ValueError(f"--compare {compare!r}: only 'transformers' is supported")
+        raise UsageError(f"--compare {compare!r}: only 'transformers' is supported")
     if compare:
         hf_require("--compare transformers")
 
@@ -122,7 +125,7 @@ def bench(path, device=None, dtype=None, backend="auto", prompt_lens=(128, 512),
     lens = [P for P in sorted(set(prompt_lens)) if P + new_tokens <= cfg.max_position]
     skipped = sorted(set(prompt_lens) - set(lens))
     if not lens:
-        raise ValueError(f"prompt {min(prompt_lens)} + {new_tokens} new tokens exceeds the model's context of "
+        raise UsageError(f"prompt {min(prompt_lens)} + {new_tokens} new tokens exceeds the model's context of "
                          f"{cfg.max_position}: use a shorter --prompt-len or fewer --new-tokens")
     if skipped:                                                 # e.g. 512 on a 512-token model
         log(f"skipped prompt length {', '.join(map(str, skipped))}: + {new_tokens} new tokens exceeds "
