@@ -8,7 +8,7 @@ import re
 from minillm.config import Config
 from minillm.rope import get_mscale
 
-from . import IGNORE, Target, fused_rows, llama, rope_settings
+from . import IGNORE, Target, fused_rows, gguf_fields, llama, rope_settings
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 ARCHITECTURES = ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
@@ -90,3 +90,78 @@ def names(cfg: Config, present=()) -> list[str]:
         if cfg.n_shared_experts:
             out += [f"{p}mlp.shared_experts.{x}_proj.weight" for x in ("gate", "up", "down")]
     return out
+
+
+# --- GGUF: llama.cpp's `deepseek2` (V2, V2-Lite, V3, R1) -----------------------------------------
+GGUF_ARCHS = ("deepseek2",)
+GGUF_CONFIG = {"attention.q_lora_rank": "q_lora_rank", "attention.kv_lora_rank": "kv_lora_rank",
+               "rope.dimension_count": "qk_rope_head_dim", "leading_dense_block_count": "first_k_dense_replace",
+               "expert_count": "n_routed_experts", "expert_used_count": "num_experts_per_tok",
+               "expert_shared_count": "n_shared_experts", "expert_feed_forward_length": "moe_intermediate_size",
+               "expert_weights_scale": "routed_scaling_factor", "expert_weights_norm": "norm_topk_prob",
+               "expert_group_count": "n_group", "expert_group_used_count": "topk_group"}
+GATING = {1: "softmax", 2: "sigmoid"}    # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE
+
+
+def from_gguf(meta: dict, shapes: dict, read):
+    hf = {**llama.gguf_config(meta, shapes), **gguf_fields(meta, GGUF_CONFIG)}
+    a, rope = meta["general.architecture"], hf["qk_rope_head_dim"]
+    # MLA as MQA: the converter writes the latent sizes in key_length / value_length (and head_count_kv
+    # 1), the real per-head ones in the _mla keys; older files have only the real ones
+    key = meta.get(f"{a}.attention.key_length_mla", meta.get(f"{a}.attention.key_length"))
+    hf.update(qk_nope_head_dim=key - rope, v_head_dim=meta.get(f"{a}.attention.value_length_mla",
+                                                                meta.get(f"{a}.attention.value_length")))
+    hf.pop("head_dim", None)
+    hf.pop("num_key_value_heads", None)
+    scoring = GATING.get(meta.get(f"{a}.expert_gating_func", 1))
+    if scoring is None:
+        raise ValueError(f"deepseek2 expert_gating_func {meta[f'{a}.expert_gating_func']} is not supported")
+    v3 = scoring == "sigmoid"            # V3's router; the file does not name the topk method
+    hf.update(model_type="deepseek_v3" if v3 else "deepseek_v2", scoring_func=scoring,
+              topk_method="noaux_tc" if v3 else "group_limited_greedy" if hf.get("n_group", 1) > 1 else "greedy")
+    yarn = hf["rope_parameters"]
+    if yarn.get("rope_type") == "yarn" and f"{a}.rope.scaling.yarn_log_multiplier" in meta:
+        # the converter keeps 0.1 * mscale_all_dim; llama.cpp's deepseek2 takes mscale == mscale_all_dim
+        yarn["mscale"] = yarn["mscale_all_dim"] = meta[f"{a}.rope.scaling.yarn_log_multiplier"] / 0.1
+    hf["attention_bias"] = "blk.0.attn_kv_a_mqa.bias" in shapes
+    return to_config(hf), hf
+
+
+GGUF_ATTN = {"attn_q": "q", "attn_q_a": "q_a", "attn_q_a_norm": "q_a_norm", "attn_q_b": "q_b",
+             "attn_kv_a_mqa": "kv_a", "attn_kv_a_norm": "kv_a_norm", "attn_kv_b": "kv_b", "attn_output": "o"}
+GGUF_SHARED = {"ffn_gate_shexp": 0, "ffn_up_shexp": 1}
+
+
+def gguf_targets(name: str, cfg: Config):
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if not m:
+        return llama.gguf_targets(name, cfg)
+    i, module, kind = int(m[1]), m[2], m[3]
+    L, H, E, inter = f"layers.{i}", cfg.num_heads, cfg.n_routed_experts, cfg.moe_intermediate_size
+    Dn, Dv = cfg.qk_nope_head_dim, cfg.v_head_dim
+    if module in GGUF_ATTN:
+        return [Target(f"{L}.attn.{GGUF_ATTN[module]}.{kind}")]
+    if module in ("attn_k_b", "attn_v_b"):
+        # the converter splits kv_b per head into k_b (H, R, Dn), transposed, and v_b (H, Dv, R);
+        # kv_b holds per head [W_UK (Dn, R); W_UV (Dv, R)]: fill it head by head
+        k = module == "attn_k_b"
+        return [Target(f"{L}.attn.kv_b.weight", rows=(h * (Dn + Dv) + (0 if k else Dn), (h + 1) * (Dn + Dv) - (Dv if k else 0)),
+                       transform=(lambda w, h=h: w[h].T) if k else (lambda w, h=h: w[h])) for h in range(H)]
+    if module in ("ffn_gate_exps", "ffn_up_exps"):   # (E, inter, C) stacked: each expert's gate or up rows
+        rows = fused_rows((inter, inter), ("ffn_gate_exps", "ffn_up_exps").index(module))
+        return [Target(f"{L}.mlp.experts_gate_up", index=e, rows=rows, transform=lambda w, e=e: w[e])
+                for e in range(E)]
+    if module == "ffn_gate_up_exps":                 # the converter's optional gate/up fusion
+        return [Target(f"{L}.mlp.experts_gate_up")]
+    if module == "ffn_down_exps":
+        return [Target(f"{L}.mlp.experts_down")]
+    if module == "ffn_gate_inp":
+        return [Target(f"{L}.mlp.router.weight")]
+    if module == "exp_probs_b":                      # V3's e_score_correction_bias
+        return [Target(f"{L}.mlp.e_score_correction_bias")]
+    if module in GGUF_SHARED:
+        rows = fused_rows((inter * cfg.n_shared_experts,) * 2, GGUF_SHARED[module])
+        return [Target(f"{L}.mlp.shared.gate_up.weight", rows=rows)]
+    if module == "ffn_down_shexp":
+        return [Target(f"{L}.mlp.shared.down.weight")]
+    return llama.gguf_targets(name, cfg)             # norms, the dense layers' MLP

@@ -9,7 +9,7 @@ import re
 
 from minillm.config import Config
 
-from . import IGNORE, Target, token_ids
+from . import IGNORE, Target, gguf_fields, gguf_token_ids, token_ids
 
 MODEL_TYPES = ("gpt2",)
 ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
@@ -69,3 +69,32 @@ def names(cfg: Config, present=()) -> list[str]:
     pre = "transformer." if any(n.startswith("transformer.") for n in present) else ""
     layers = [f"{pre}h.{i}.{rest}" for i in range(cfg.num_layers) for rest in LAYER]
     return [pre + n for n in TOP] + layers
+
+
+# --- GGUF: llama.cpp's converter already transposed the Conv1D weights to (out, in) ----------------
+GGUF_ARCHS = ("gpt2",)
+GGUF_CONFIG = {"embedding_length": "n_embd", "block_count": "n_layer", "attention.head_count": "n_head",
+               "feed_forward_length": "n_inner", "context_length": "n_positions",
+               "attention.layer_norm_epsilon": "layer_norm_epsilon"}
+GGUF_TOP = {"token_embd.weight": "embed.weight", "position_embd.weight": "pos_embed.weight",
+            "output_norm.weight": "norm.weight", "output_norm.bias": "norm.bias", "output.weight": "head.weight"}
+GGUF_LAYER = {"attn_norm": "attn_norm", "ffn_norm": "mlp_norm", "attn_qkv": "attn.qkv", "attn_output": "attn.o",
+              "ffn_up": "mlp.up", "ffn_down": "mlp.down"}
+
+
+def from_gguf(meta: dict, shapes: dict, read):
+    # context_length is GPT-2's n_positions (the wpe rows), whatever transformers' reader makes of it
+    hf = {"model_type": "gpt2", **gguf_fields(meta, GGUF_CONFIG), "vocab_size": shapes["token_embd.weight"][0],
+          **gguf_token_ids(meta)}
+    cfg = to_config(hf)
+    cfg.tie_embeddings = "output.weight" not in shapes   # llama.cpp: output falls back to token_embd
+    return cfg, hf
+
+
+def gguf_targets(name: str, cfg: Config):
+    if name in GGUF_TOP:
+        return [Target(GGUF_TOP[name])]
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if m and m[2] in GGUF_LAYER:
+        return [Target(f"layers.{m[1]}.{GGUF_LAYER[m[2]]}.{m[3]}")]
+    return None

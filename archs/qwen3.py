@@ -14,3 +14,15 @@ def to_config(hf: dict) -> Config:
 
 targets = llama.targets   # q_norm / k_norm are among llama's norm names
 names = llama.names
+
+
+
+
+# GGUF: llama's metadata and tensor names; the head_dim is attention.key_length, not a default
+GGUF_ARCHS = ("qwen3",)
+gguf_targets = llama.gguf_targets
+
+
+def from_gguf(meta: dict, shapes: dict, read):
+    hf = llama.gguf_config(meta, shapes)
+    return llama.to_config(hf, arch="qwen3", qk_norm=True, **llama.gguf_biases(shapes)), hf

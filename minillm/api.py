@@ -251,12 +251,23 @@ class ChatSession:
 
 def load(name_or_path: str | Path | None = None, device=None, dtype=None, backend: str = "auto",
          progress: bool | None = None) -> LLM:
-    """A local folder or a hub id (None: the embedded default model) -> LLM.
+    """A local folder, a hub id, a GGUF file (or a folder holding one) or None (the embedded default
+    model) -> LLM.
 
     device None: CUDA when available, else CPU. dtype None: the checkpoint's own on GPU,
     float32 on CPU; or a torch.dtype / "float32" | "bfloat16" | "float16". backend "auto":
     the Triton kernels on CUDA, torch elsewhere. What was decided is in `llm.model.run`."""
     device, dtype = parse_device(device), parse_dtype(dtype)
+    from . import gguf
+    if (file := gguf.find(name_or_path)) is not None:   # llama.cpp's format: minillm/gguf.py
+        model, tokenizer, hf = gguf.load_model(file, device, dtype, backend)
+        llm = LLM(model, tokenizer, file, hf, {})
+        if tokenizer is not None and tokenizer.chat_template:   # the metadata's tokenizer.chat_template
+            named = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}
+            llm.chat_template = ChatTemplate({"default": tokenizer.chat_template},
+                                             {k: v for k, v in named.items() if v is not None},
+                                             f"{file.name} (tokenizer.chat_template)")
+        return llm
     path = resolve(name_or_path)
     try:
         tokenizer = Tokenizer.from_dir(path)

@@ -39,7 +39,7 @@ def friendly(fn):
 
 def model_options(fn):
     for opt in reversed([
-        click.option("-m", "--model", default=None, help="Local folder or hub id (default: the embedded model)."),
+        click.option("-m", "--model", default=None, help="Local folder, hub id or GGUF file (default: the embedded model)."),
         click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
         click.option("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, "
                                                    "the checkpoint's on GPU)."),

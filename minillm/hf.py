@@ -21,9 +21,9 @@ def require(what: str):
 
 
 def load_reference(path, dtype=torch.float32, device="cpu", what: str = "the reference",
-                   progress: bool = False):
+                   progress: bool = False, **kwargs):
     """AutoModelForCausalLM from the same folder, eval mode, its warnings and (unless `progress`)
-    its loading bar silenced."""
+    its loading bar silenced. kwargs go to from_pretrained (gguf_file=)."""
     transformers = require(what)
     from transformers.utils import logging
     logging.set_verbosity_error()
@@ -31,7 +31,7 @@ def load_reference(path, dtype=torch.float32, device="cpu", what: str = "the ref
     if not progress:
         logging.disable_progress_bar()
     try:
-        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device).eval()
     finally:
         if bar:
             logging.enable_progress_bar()

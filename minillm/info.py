@@ -112,9 +112,16 @@ def info(model_or_path=None, dtype=None, memory=None, device=None, backend: str 
     memory ('24GiB' or bytes): also the longest context and batch x context whose weights + KV
     cache fit (activations not counted). device / backend: what `load` would run on, which also
     decides the default dtype."""
-    path, headers, source = locate(model_or_path)
-    hf = read_config(path)
-    cfg, adapter = to_config(hf)
+    from . import gguf
+    if (file := gguf.find(model_or_path)) is not None:   # llama.cpp's format: header only, no weights read
+        f = gguf.GGUFFile(file)
+        (cfg, hf, adapter), path, source = gguf.config(f), file, "GGUF file"
+        checkpoint = f.checkpoint_summary()
+    else:
+        path, headers, source = locate(model_or_path)
+        hf = read_config(path)
+        cfg, adapter = to_config(hf)
+        checkpoint = None if headers is None else checkpoint_summary(headers)
     device = parse_device(device, available=False)   # costs for a GPU can be read on a CPU
     dtype = parse_dtype(dtype) or default_dtype(device, cfg.torch_dtype)
     run = settings(device, dtype, backend)                    # as load would decide them
@@ -138,7 +145,7 @@ def info(model_or_path=None, dtype=None, memory=None, device=None, backend: str 
         "weight_bytes": weight_bytes(model, dtype),
         "weight_bytes_by_dtype": {n: weight_bytes(model, DTYPES[n])
                                   for n in ("float32", "bfloat16", "float16")},
-        "checkpoint": None if headers is None else checkpoint_summary(headers),
+        "checkpoint": checkpoint,
         "layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
         "attention": kind, "heads": H, "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
         "v_head_dim": cfg.v_head_dim if mla else cfg.head_dim,

@@ -70,6 +70,8 @@ def rope_frequencies(dim: int, theta: float, scaling: dict | None, max_position:
         return _llama3(_base_inv_freq(dim, theta), scaling), 1.0
     if kind == "yarn":
         return _yarn(dim, theta, scaling, max_position)
+    if kind == "freq_factors":   # llama.cpp's rope_freqs tensor (GGUF Llama 3.x): one divisor per frequency
+        return _base_inv_freq(dim, theta) / torch.tensor(scaling["factors"], dtype=torch.float32), 1.0
     raise ValueError(f"unsupported rope scaling {kind!r} (supported: default, linear, llama3, yarn)")
 
 

@@ -21,6 +21,8 @@ def _token_text(tok) -> str | None:
 
 
 class Tokenizer:
+    chat_template: str | None = None   # a GGUF file's tokenizer.chat_template (Jinja), for chat rendering
+
     def __init__(self, path: Path):
         file = Path(path) / "tokenizer.json"
         try:
@@ -30,6 +32,20 @@ class Tokenizer:
         conf_file = Path(path) / "tokenizer_config.json"
         conf = json.loads(conf_file.read_text()) if conf_file.exists() else {}
         self.bos_token, self.eos_token = _token_text(conf.get("bos_token")), _token_text(conf.get("eos_token"))
+
+    @classmethod
+    def wrap(cls, tok: _Tok, bos_token: str | None = None, eos_token: str | None = None) -> "Tokenizer":
+        """A Tokenizer around a `tokenizers` object built elsewhere (a GGUF file's metadata)."""
+        out = cls.__new__(cls)
+        out.tok, out.bos_token, out.eos_token = tok, bos_token, eos_token
+        return out
+
+    @classmethod
+    def from_gguf(cls, path) -> "Tokenizer":
+        """The tokenizer in a GGUF file's metadata (a vocabulary-only file is enough)."""
+        from .gguf_file import GGUFFile
+        from .gguf_tokenizer import from_metadata
+        return from_metadata(GGUFFile(path).meta, str(path), cls)
 
     @classmethod
     def from_dir(cls, path: Path) -> "Tokenizer | None":

@@ -114,7 +114,7 @@ def verify(model_or_path=None, prompts=None, new_tokens: int = 16, dtype=None, d
     llm = model_or_path if isinstance(model_or_path, LLM) else load(model_or_path, device, dtype, backend)
     if str(reference) == "transformers":
         refs = transformers_reference(llm, _prompt_ids(llm, prompts, new_tokens), new_tokens)
-        source = "transformers"
+        source = "transformers" + (" (its GGUF reader, same file)" if llm.path.suffix == ".gguf" else "")
     else:
         if prompts:
             raise UsageError("a saved reference fixes the prompts (its input_ids); do not pass prompts too")
@@ -155,8 +155,9 @@ def transformers_reference(llm: LLM, prompts: list[tuple[list[int], str | None]]
     """The same checkpoint in transformers, float32, on our device: greedy continuation with its
     KV cache (stopping at our eos ids), then one full forward for the logits."""
     try:
-        ref = hf.load_reference(llm.path, torch.float32, llm.device, what="--reference transformers",
-                                progress=sys.stderr.isatty())
+        src, kwargs = _transformers_source(llm)
+        ref = hf.load_reference(src, torch.float32, llm.device, what="--reference transformers",
+                                progress=sys.stderr.isatty(), **kwargs)
     except LoadError as e:
         raise VerifyError(str(e)) from None
     device = llm.device
@@ -175,6 +176,19 @@ def transformers_reference(llm: LLM, prompts: list[tuple[list[int], str | None]]
             logits = ref(torch.tensor([seq], device=device)).logits[0].float().cpu()   # (T, V)
             out.append(Reference(seq, len(ids), logits, text))
     return out
+
+
+def _transformers_source(llm: LLM) -> tuple[Path, dict]:
+    """from_pretrained's arguments; a GGUF file through transformers' GGUF reader, where it reads that
+    file right (the same dequantization), else a VerifyError saying why and what to use instead."""
+    if llm.path.suffix != ".gguf":
+        return llm.path, {}
+    from .gguf import transformers_reads
+    why = transformers_reads(llm)
+    if why:
+        raise VerifyError(f"{why}, so it is no reference for {llm.path.name}: give --reference FILE, "
+                          "saved by `minillm verify -m ORIGINAL_CHECKPOINT --save FILE`")
+    return llm.path.parent, {"gguf_file": llm.path.name}
 
 
 def save_reference(refs: list[Reference], path, model: str = ""):

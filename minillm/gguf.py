@@ -1,0 +1,118 @@
+"""llama.cpp's GGUF files: `minillm.load("model.gguf")`.
+
+A GGUF file holds metadata under llama.cpp's key names (sizes, rope, the tokenizer, the chat
+template) and tensors under llama.cpp's names, float (F32, F16, BF16) or quantized in blocks
+(Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the k-quants Q2_K..Q6_K, ...), read by minillm/gguf_file.py
+(memory-mapped; the `gguf` package, llama.cpp's own, dequantizes). The architecture's adapter (archs/*.py: `from_gguf`, `gguf_targets`) turns the
+metadata into a Config and each tensor name into core targets, undoing what llama.cpp's converter
+changed on the way in. Each tensor is dequantized on its own and copied into the model at the run
+dtype, so peak memory is about the run weights plus one tensor in float32.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from minillm import archs
+
+from .gguf_file import FLOATS, GGUFFile
+from .loader import _fill, build, settings
+from .locate import LoadError, default_dtype
+from .tokenizer import Tokenizer, TokenizerError
+
+
+def find(model) -> Path | None:
+    """A .gguf file, or a folder with no config.json holding exactly one -> that file; else None."""
+    if model is None:
+        return None
+    path = Path(model).expanduser()
+    if path.suffix.lower() == ".gguf" and not path.is_dir():
+        if not path.is_file():
+            raise LoadError(f"no such file: {path}")
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        files = sorted(path.glob("*.gguf"))
+        if len(files) > 1:
+            raise LoadError(f"{path} holds {len(files)} .gguf files ({', '.join(f.name for f in files)}): "
+                            "give the one to load")
+        return files[0] if files else None
+    return None
+
+
+def config(f: GGUFFile):
+    """-> (Config, config.json-like dict, adapter), from the metadata through the adapter."""
+    arch = f.meta.get("general.architecture")
+    if arch is None:
+        raise LoadError(f"{f.path.name}: no general.architecture in its metadata")
+    if not f.tensors:
+        raise LoadError(f"{f.path.name} holds no tensors (a vocabulary-only GGUF? "
+                        "minillm.Tokenizer.from_gguf reads those)")
+    try:
+        adapter = archs.pick_gguf(arch)
+        cfg, hf = adapter.from_gguf(f.meta, f.shapes, f.read)
+    except KeyError as e:
+        raise LoadError(f"{f.path.name}: missing metadata key or tensor {e}") from None
+    except (ValueError, TypeError) as e:
+        raise LoadError(f"{f.path.name}: {e}") from None
+    hf["architectures"] = [f"{arch} (GGUF)"]
+    kinds = Counter(f.type_name(n) for n, s in f.shapes.items() if len(s) >= 2)
+    # the dtype a GPU run defaults to: the file's float type, bfloat16 for quantized files
+    cfg.torch_dtype = FLOATS.get(kinds.most_common(1)[0][0], "bfloat16") if kinds else None
+    return cfg, hf, adapter
+
+
+def load_weights(model, adapter, f: GGUFFile):
+    """Strict, as loader.load_weights: every tensor goes somewhere (or is ignored by the adapter),
+    every parameter is filled exactly once, every shape is checked."""
+    cfg = model.cfg
+    params = dict(model.named_parameters(remove_duplicate=True))
+    filled, seen = dict.fromkeys(params, 0), {}
+    for name in f.tensors:
+        dests = adapter.gguf_targets(name, cfg)
+        if dests == archs.IGNORE:
+            continue
+        if not dests or any(d.param not in params for d in dests):
+            raise LoadError(f"unexpected tensor {name!r} in {f.path.name}: the {cfg.arch} model has no place for it")
+        w = f.read(name)
+        for d in dests:
+            try:
+                filled[d.param] += _fill(params[d.param], d, w, name, seen)
+            except (RuntimeError, IndexError):   # an adapter's transform (un-permute, per head) cannot take it
+                raise LoadError(f"tensor {name!r} has shape {tuple(w.shape)}, which does not fit {d.param} "
+                                f"{tuple(params[d.param].shape)}") from None
+    for name, p in params.items():
+        if filled[name] != p.numel():
+            raise LoadError(f"missing parameter {name!r}: no tensor in {f.path.name} maps to it" if not filled[name]
+                            else f"parameter {name!r} only partly filled by {f.path.name}")
+
+
+def load_model(path: Path, device: torch.device, dtype: torch.dtype | None, backend: str = "auto"):
+    """-> (Decoder, Tokenizer or None, config.json-like dict). dtype None: locate.default_dtype."""
+    from .gguf_tokenizer import from_metadata
+    f = GGUFFile(path)
+    cfg, hf, adapter = config(f)
+    dtype = dtype or default_dtype(device, cfg.torch_dtype)
+    model = build(cfg, device, dtype, settings(device, dtype, backend))
+    load_weights(model, adapter, f)
+    try:
+        tokenizer = from_metadata(f.meta, f.path.name, Tokenizer) if "tokenizer.ggml.model" in f.meta else None
+    except TokenizerError as e:
+        raise LoadError(str(e)) from None
+    return model, tokenizer, hf
+
+
+def transformers_reads(llm) -> str | None:
+    """None where transformers' GGUF reader gets this file right, else why not (verify's reference)."""
+    meta = GGUFFile(llm.path).meta
+    arch, cfg = meta["general.architecture"], llm.config
+    if arch == "deepseek2":
+        return "transformers has no GGUF reader for deepseek2"
+    if (cfg.rope_scaling or {}).get("rope_type") == "freq_factors":
+        return "transformers' GGUF reader ignores rope_freqs (Llama 3.x's llama3 rope scaling)"
+    if arch == "qwen3" and cfg.head_dim != 128:
+        return "transformers' GGUF reader takes Qwen3's head_dim from its config default (128), not key_length"
+    if arch == "gpt2" and cfg.max_position != 1024:
+        return "transformers' GGUF reader reads GPT-2's context_length as n_ctx, leaving n_positions at 1024"
+    return None

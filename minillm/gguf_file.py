@@ -1,0 +1,128 @@
+"""Reading a GGUF file: its header (metadata and tensor table) parsed here, its tensors left in a
+memory map until one is read, dequantized with the `gguf` package (llama.cpp's own block formats
+and dequantizers). Nothing here knows architectures: minillm/gguf.py loads, through the adapters.
+"""
+from __future__ import annotations
+
+import math
+import struct
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import LoadError
+
+FLOATS = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+# block formats gguf.quants dequantizes (the issue's list first; the i-quants and ternary ones come free)
+QUANTS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+          "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS",
+          "TQ1_0", "TQ2_0", "MXFP4")
+SUPPORTED = (*FLOATS, *QUANTS)
+
+
+# GGUF metadata value types (gguf.GGUFValueType): fixed-size ones by struct format; 8 string, 9 array
+SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+class GGUFFile:
+    """The metadata as plain Python values, tensor shapes in torch order, and read(name) -> float tensor.
+
+    The header is parsed here, not by gguf.GGUFReader: that one builds a numpy view per string, which
+    takes 15 s for Qwen2's 152k tokens and merges on this machine (this: under a second). The tensor
+    data stays in the memory map; the gguf package supplies the block sizes and dequantization."""
+
+    def __init__(self, path):
+        import mmap
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._parse()
+        except Exception as e:   # bad magic, a short read, a header that runs past the end of the file
+            raise LoadError(f"{self.path} is not a readable GGUF file (truncated, or not GGUF): "
+                            f"{type(e).__name__}: {e}") from None
+
+    def _take(self, fmt: str):
+        values = struct.unpack_from(fmt, self.mm, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return values[0] if len(values) == 1 else values
+
+    def _string(self) -> str:
+        n = self._take("<Q")
+        self.pos += n
+        return self.mm[self.pos - n:self.pos].decode("utf-8", errors="replace")
+
+    def _value(self, kind: int):
+        if kind in SCALARS:
+            return self._take(SCALARS[kind])
+        if kind == 8:
+            return self._string()
+        if kind != 9:
+            raise ValueError(f"unknown metadata value type {kind}")
+        item, n = self._take("<IQ")
+        if item in SCALARS:   # numbers in one piece (token types, scores)
+            dtype = np.dtype(SCALARS[item])
+            values = np.frombuffer(self.mm, dtype, n, self.pos).tolist()
+            self.pos += n * dtype.itemsize
+            return values
+        return [self._value(item) for _ in range(n)]
+
+    def _parse(self):
+        import gguf
+        if self.mm[:4] != b"GGUF":
+            raise ValueError(f"no GGUF magic (starts with {bytes(self.mm[:4])!r})")
+        self.pos = 4
+        version, n_tensors, n_kv = self._take("<IQQ")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} (minillm reads 2 and 3)")
+        self.meta = {}
+        for _ in range(n_kv):
+            key = self._string()
+            self.meta[key] = self._value(self._take("<I"))
+        infos = []
+        for _ in range(n_tensors):
+            name, n_dims = self._string(), self._take("<I")
+            dims = self._take(f"<{n_dims}Q") if n_dims else ()
+            dims = (dims,) if isinstance(dims, int) else dims
+            infos.append((name, tuple(reversed(dims)), *self._take("<IQ")))   # torch order: slowest first
+        align = self.meta.get("general.alignment", 32)
+        start = -(-self.pos // align) * align
+        self.shapes, self.types, self.tensors = {}, {}, {}
+        for name, shape, kind, offset in infos:
+            kind = gguf.GGMLQuantizationType(kind) if kind in gguf.GGMLQuantizationType._value2member_map_ else kind
+            block, size = gguf.GGML_QUANT_SIZES.get(kind, (1, 0))
+            nbytes = math.prod(shape) // block * size
+            if start + offset + nbytes > len(self.mm):
+                raise ValueError(f"tensor {name!r} runs past the end of the file")
+            self.shapes[name], self.types[name], self.tensors[name] = shape, kind, (start + offset, nbytes)
+
+    def type_name(self, name: str) -> str:
+        kind = self.types[name]
+        return kind.name if hasattr(kind, "name") else f"type id {kind}"
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor as the converter had it: float, in torch order (float32 unless stored F16)."""
+        import gguf
+        kind, shape, (offset, nbytes) = self.type_name(name), self.shapes[name], self.tensors[name]
+        if kind not in SUPPORTED:
+            raise LoadError(f"tensor {name!r} in {self.path.name} has type {kind}, which minillm does not "
+                            f"read (supported: {', '.join(SUPPORTED)})")
+        if kind in ("F32", "F16"):
+            data = np.frombuffer(self.mm, np.dtype(kind.lower().replace("f", "float")), math.prod(shape), offset)
+        else:   # blocks: one row of bytes per row of values
+            data = np.frombuffer(self.mm, np.uint8, nbytes, offset).reshape(*shape[:-1], -1)
+            data = gguf.quants.dequantize(data, self.types[name])
+        with warnings.catch_warnings():   # the map is read-only, and the tensor only read from
+            warnings.simplefilter("ignore")
+            return torch.from_numpy(data).reshape(shape)
+
+    def checkpoint_summary(self) -> dict:
+        """What info reports for a checkpoint: tensors, values, bytes by ggml type."""
+        by_type = Counter()
+        for name, (_, nbytes) in self.tensors.items():
+            by_type[self.type_name(name)] += nbytes
+        return {"tensors": len(self.tensors), "params": sum(math.prod(s) for s in self.shapes.values()),
+                "bytes": sum(by_type.values()), "bytes_by_dtype": dict(by_type.most_common())}
