@@ -10,6 +10,7 @@ dtype, so peak memory is about the run weights plus one tensor in float32.
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -84,8 +85,28 @@ def load_weights(model, adapter, f: GGUFFile):
                                 f"{tuple(params[d.param].shape)}") from None
     for name, p in params.items():
         if filled[name] != p.numel():
-            raise LoadError(f"missing parameter {name!r}: no tensor in {f.path.name} maps to it" if not filled[name]
-                            else f"parameter {name!r} only partly filled by {f.path.name}")
+            want = expected(adapter, cfg, name, f.shapes)
+            raise LoadError(f"missing tensor {want!r} in {f.path.name} (for {name})" if want else
+                            f"parameter {name!r} is {filled[name]} of {p.numel()} values filled by {f.path.name}")
+
+
+# llama.cpp's per-layer tensor names (gguf.TENSOR_NAMES), the ones the adapters read, plain before fused
+LAYER_NAMES = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm", "ffn_norm",
+               "ffn_gate", "ffn_up", "ffn_down", "attn_q_a", "attn_q_a_norm", "attn_q_b", "attn_kv_a_mqa",
+               "attn_kv_a_norm", "attn_k_b", "attn_v_b", "ffn_gate_inp", "exp_probs_b", "ffn_gate_exps",
+               "ffn_up_exps", "ffn_down_exps", "ffn_gate_shexp", "ffn_up_shexp", "ffn_down_shexp", "attn_qkv")
+TOP_NAMES = ("token_embd.weight", "position_embd.weight", "output_norm.weight", "output_norm.bias", "output.weight")
+
+
+def expected(adapter, cfg, param: str, present: dict) -> str | None:
+    """The llama.cpp name of a tensor the file lacks that would fill `param` (for the error)."""
+    m = re.match(r"layers\.(\d+)\.", param)
+    names = TOP_NAMES if not m else [f"blk.{m[1]}.{n}.{kind}" for n in LAYER_NAMES for kind in ("weight", "bias")]
+    for name in names:
+        dests = adapter.gguf_targets(name, cfg) if name not in present else None
+        if isinstance(dests, list) and any(d.param == param for d in dests):
+            return name
+    return None
 
 
 def load_model(path: Path, device: torch.device, dtype: torch.dtype | None, backend: str = "auto"):
