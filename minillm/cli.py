@@ -263,8 +263,9 @@ def bench(model, device, dtype, backend, shape, prompt_len, new_tokens, batch, c
     from .locate import resolve
     if shape and model:
         raise UsageError("give -m MODEL or --random SHAPE, not both")
+    from .gguf import find
     log = (lambda msg: None) if as_json else (lambda msg: click.echo(f"# {msg}", err=True))
-    path = random_checkpoint(shape, log) if shape else resolve(model)
+    path = random_checkpoint(shape, log) if shape else (find(model) or resolve(model))
     out = run_bench(path, device=device, dtype=dtype, backend=backend, prompt_lens=prompt_len,
                     new_tokens=new_tokens, batches=batch, compare=compare, repeat=repeat, threads=threads,
                     cold_start=cold_start, log=log)

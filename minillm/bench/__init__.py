@@ -105,8 +105,15 @@ def bench(path, device=None, dtype=None, backend="auto", prompt_lens=(128, 512),
     from ..loader import read_config
     log = log or (lambda msg: None)
     device = parse_device(device)
-    hf = read_config(Path(path))                                # the dtype load would pick
-    dtype = parse_dtype(dtype) or default_dtype(device, hf.get("dtype") or hf.get("torch_dtype"))
+    if Path(path).suffix == ".gguf":                             # the dtype load would pick
+        from ..gguf import GGUFFile, config
+        saved = config(GGUFFile(path))[0].torch_dtype
+        if compare:
+            raise ValueError("--compare transformers reads checkpoint folders, not GGUF files")
+    else:
+        hf = read_config(Path(path))
+        saved = hf.get("dtype") or hf.get("torch_dtype")
+    dtype = parse_dtype(dtype) or default_dtype(device, saved)
     if threads:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
@@ -169,7 +176,7 @@ def bench(path, device=None, dtype=None, backend="auto", prompt_lens=(128, 512),
             add(n, "load_rss_anon_growth_bytes", m["rss_anon_growth"])
             if "cuda_allocated" in m:
                 add(n, "load_cuda_allocated_bytes", m["cuda_allocated"])
-            if cold_start and (path / "tokenizer.json").exists():
+            if cold_start and (path.suffix == ".gguf" or (path / "tokenizer.json").exists()):
                 add(n, "cold_start_s", measure_cold_start(n, path, device, dtype, backend, threads))
         load_avg.append(os.getloadavg()[0])
 

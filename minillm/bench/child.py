@@ -21,7 +21,7 @@ def _load_child(system: str, path: str, device: str, dtype: str, backend: str):
     from ..loader import weight_files
     from ..locate import parse_dtype
     chunk = bytearray(8 << 20)
-    for f in weight_files(Path(path)):
+    for f in [Path(path)] if Path(path).suffix == ".gguf" else weight_files(Path(path)):
         with open(f, "rb") as fh:
             while fh.readinto(chunk):
                 pass
