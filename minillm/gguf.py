@@ -130,8 +130,11 @@ def transformers_reads(llm) -> str | None:
     arch, cfg = meta["general.architecture"], llm.config
     if arch == "deepseek2":
         return "transformers has no GGUF reader for deepseek2"
-    if (cfg.rope_scaling or {}).get("rope_type") == "freq_factors":
+    kind = (cfg.rope_scaling or {}).get("rope_type")
+    if kind == "freq_factors":
         return "transformers' GGUF reader ignores rope_freqs (Llama 3.x's llama3 rope scaling)"
+    if kind is not None:   # 5.24 rebuilds rope.scaling.* for gpt-oss only
+        return f"transformers' GGUF reader ignores rope.scaling.type {kind} for {arch}"
     if arch == "qwen3" and cfg.head_dim != 128:
         return "transformers' GGUF reader takes Qwen3's head_dim from its config default (128), not key_length"
     if arch == "gpt2" and cfg.max_position != 1024:

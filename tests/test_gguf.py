@@ -379,6 +379,8 @@ def test_info_and_verify(files, tmp_path):
     assert d["checkpoint"]["bytes_by_dtype"] == {"F32": d["checkpoint"]["bytes"]}
     rep = minillm.verify(file, prompts=["def fib(n):"], new_tokens=4)
     assert rep.passed and "GGUF reader" in rep.reference
+    with pytest.raises(ValueError, match="ignores rope.scaling.type linear"):   # tried: logits off by 12
+        minillm.verify(files("llama-linear-mqa")[1], prompts=["def fib(n):"], new_tokens=2)
     # deepseek2: transformers cannot read it; verify says so, and runs against saved logits instead
     src, file = files("deepseek-v2-lite")
     with pytest.raises(ValueError, match="no GGUF reader for deepseek2"):
