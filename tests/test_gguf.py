@@ -240,7 +240,8 @@ def tiny(kind: str, folder: Path) -> Path:
                                                routed_scaling_factor=2.5, n_shared_experts=1,
                                                rope_parameters={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0})),
         }[kind]
-        config = getattr(transformers, extra[0] + "Config")(**{**TINY, **extra[1]})
+        # kv_lora_rank 20: the latent key_length (20 + 8) differs from the per-head one (16 + 8)
+        config = getattr(transformers, extra[0] + "Config")(**{**TINY, "kv_lora_rank": 20, **extra[1]})
     torch.manual_seed(sum(map(ord, kind)))
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
@@ -301,7 +302,8 @@ def test_the_converter_changed_what_the_adapters_undo(files):
     f = GGUFFile(files("deepseek-v3")[1])
     assert "blk.1.ffn_gate_exps.weight" in f.shapes and "blk.0.attn_k_b.weight" in f.shapes
     assert "blk.0.attn_kv_b.weight" not in f.shapes and "blk.1.exp_probs_b.bias" in f.shapes
-    assert (f.meta["deepseek2.attention.value_length"], f.meta["deepseek2.attention.value_length_mla"]) == (16, 12)
+    assert (f.meta["deepseek2.attention.key_length"], f.meta["deepseek2.attention.key_length_mla"]) == (28, 24)
+    assert (f.meta["deepseek2.attention.value_length"], f.meta["deepseek2.attention.value_length_mla"]) == (20, 12)
     src, file = files("gpt2")
     f, sd = GGUFFile(file), load_file(src / "model.safetensors")
     key = next(k for k in sd if k.endswith("h.0.attn.c_attn.weight"))
