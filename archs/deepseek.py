@@ -144,9 +144,11 @@ def gguf_targets(name: str, cfg: Config):
     if module in ("attn_k_b", "attn_v_b"):
         # the converter splits kv_b per head into k_b (H, R, Dn), transposed, and v_b (H, Dv, R);
         # kv_b holds per head [W_UK (Dn, R); W_UV (Dv, R)]: fill it head by head
-        k = module == "attn_k_b"
-        return [Target(f"{L}.attn.kv_b.weight", rows=(h * (Dn + Dv) + (0 if k else Dn), (h + 1) * (Dn + Dv) - (Dv if k else 0)),
-                       transform=(lambda w, h=h: w[h].T) if k else (lambda w, h=h: w[h])) for h in range(H)]
+        if module == "attn_k_b":
+            return [Target(f"{L}.attn.kv_b.weight", rows=(h * (Dn + Dv), h * (Dn + Dv) + Dn),
+                           transform=lambda w, h=h: w[h].T) for h in range(H)]
+        return [Target(f"{L}.attn.kv_b.weight", rows=(h * (Dn + Dv) + Dn, (h + 1) * (Dn + Dv)),
+                       transform=lambda w, h=h: w[h]) for h in range(H)]
     if module in ("ffn_gate_exps", "ffn_up_exps"):   # (E, inter, C) stacked: each expert's gate or up rows
         rows = fused_rows((inter, inter), ("ffn_gate_exps", "ffn_up_exps").index(module))
         return [Target(f"{L}.mlp.experts_gate_up", index=e, rows=rows, transform=lambda w, e=e: w[e])

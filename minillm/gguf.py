@@ -3,10 +3,11 @@
 A GGUF file holds metadata under llama.cpp's key names (sizes, rope, the tokenizer, the chat
 template) and tensors under llama.cpp's names, float (F32, F16, BF16) or quantized in blocks
 (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the k-quants Q2_K..Q6_K, ...), read by minillm/gguf_file.py
-(memory-mapped; the `gguf` package, llama.cpp's own, dequantizes). The architecture's adapter (archs/*.py: `from_gguf`, `gguf_targets`) turns the
-metadata into a Config and each tensor name into core targets, undoing what llama.cpp's converter
-changed on the way in. Each tensor is dequantized on its own and copied into the model at the run
-dtype, so peak memory is about the run weights plus one tensor in float32.
+(memory-mapped; the `gguf` package, llama.cpp's own, dequantizes). The architecture's adapter
+(archs/*.py: `from_gguf`, `gguf_targets`) turns the metadata into a Config and each tensor name
+into core targets, undoing what llama.cpp's converter changed on the way in. Each tensor is
+dequantized on its own and copied into the model at the run dtype, so peak memory is about the
+run weights plus one tensor in float32.
 """
 from __future__ import annotations
 
