@@ -109,7 +109,7 @@ def bench(path, device=None, dtype=None, backend="auto", prompt_lens=(128, 512),
         from ..gguf import GGUFFile, config
         saved = config(GGUFFile(path))[0].torch_dtype
         if compare:
-            raise ValueError("--compare transformers reads checkpoint folders, not GGUF files")
+            raise UsageError("--compare transformers reads checkpoint folders, not GGUF files")
     else:
         hf = read_config(Path(path))
         saved = hf.get("dtype") or hf.get("torch_dtype")
