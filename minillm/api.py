@@ -11,6 +11,7 @@ import torch
 
 from .chat import ChatTemplate, ChatTemplateError, special_tokens
 from .config import Config
+from .engine import Engine, EngineSettings, SamplingParams
 from .errors import UsageError
 from .generate import Sampling, heal, run
 from .loader import load_model
@@ -86,9 +87,23 @@ class LLM:
         return Sampling(float(temperature or 0.0), pick(top_k, "top_k"), pick(top_p, "top_p"),
                         pick(min_p, "min_p"), pick(repetition_penalty, "repetition_penalty"))
 
+    @cached_property
+    def engine(self) -> Engine:
+        """The serving engine (minillm.engine) that generate, stream and chat run on; its KV
+        pool is allocated on first use (new_engine sets its size)."""
+        return Engine(self.model, self.tokenizer, set(self.eos_token_ids))
+
+    def new_engine(self, **settings) -> Engine:
+        """Replace the engine with one of these EngineSettings (block_size, num_blocks, kv_memory,
+        max_running, max_step_tokens); its prefix cache starts empty."""
+        self.engine = Engine(self.model, self.tokenizer, set(self.eos_token_ids), EngineSettings(**settings))
+        return self.engine
+
     def _run(self, prompts, max_new_tokens, temperature=None, top_k=None, top_p=None, min_p=None,
              repetition_penalty=None, seed=None, stop=None, eos=None, cache=None, start=0,
              token_healing=False):
+        """Yields the prompts' Sequences after each step. On the engine, except where a caller
+        brings its own contiguous cache (ChatSession)."""
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         if "" in stop:   # would match at once: nothing generated, and no error to say why
             raise UsageError("an empty stop string would stop before the first token")
@@ -98,8 +113,14 @@ class LLM:
             token_healing or (token_healing is None and p.endswith((" ", "\t")))) else None
             for p, i in zip(prompts, ids)]
         ids = [h.ids if h else i for h, i in zip(heals, ids)]
-        return run(self.model, self.tokenizer, ids, max_new_tokens, sampling,
-                   set(self.eos_token_ids) if eos is None else eos, stop, seed, cache, start, heals)
+        if cache is not None or any(heals):
+            return run(self.model, self.tokenizer, ids, max_new_tokens, sampling,
+                       set(self.eos_token_ids) if eos is None else eos, stop, seed, cache, start, heals)
+        if max_new_tokens < 0:
+            raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        params = SamplingParams(**vars(sampling), max_tokens=max_new_tokens, seed=seed, stop=stop,
+                                eos=set(self.eos_token_ids) if eos is None else set(eos))
+        return ([r.seq for r in reqs] for reqs in self.engine.run(ids, params))
 
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,

@@ -55,13 +55,18 @@ class Step:
             self._mask = (keys[None, None, :] <= self.pos[:, :, None])[:, None]
         return self._mask
 
+    def attention(self, layer: int, new: dict[str, torch.Tensor], queries: tuple, fn) -> torch.Tensor:
+        """Store `new` (the new tokens' cache entries) and return fn(*queries, kv, step), kv being
+        everything the sequences have so far. The paged engine's step (engine/paged.py) overrides
+        this to split one flat batch into groups, each with K/V gathered from its block tables."""
+        return fn(*queries, self.write(layer, **new), self)
+
     def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
         """q (B, T, H, D), k (B, T, Hkv, D), v (B, T, Hkv, Dv) -> (B, T, H, Dv)."""
-        kv = self.write(layer, k=k, v=v)
-        k, v = kv["k"], kv["v"]
-        if self.backend == "triton":
-            return triton_attention(q, k, v, scale, self)
-        return sdpa(q, k, v, scale, self)
+        def fn(q, kv, step):
+            attend = triton_attention if step.backend == "triton" else sdpa
+            return attend(q, kv["k"], kv["v"], scale, step)
+        return self.attention(layer, dict(k=k, v=v), (q,), fn)
 
 
 def triton_attention(q, k, v, scale, step: Step) -> torch.Tensor:

@@ -70,13 +70,15 @@ class MLAttention(nn.Module):
         # which leaves q_pe . k_pe as transformers computes it
         q_pe = apply_rope(q_pe, *rope, cfg.rope_interleaved)
         k_pe = apply_rope(k_pe[:, :, None], *rope, cfg.rope_interleaved)[:, :, 0]   # (B, T, Dr)
-        kv = step.write(self.layer, c_kv=c_kv, k_pe=k_pe)                    # (B, S, R), (B, S, Dr)
-        decode = T == 1 and step.cache is not None
-        if step.absorb == "always" or (step.absorb == "auto" and decode):   # RunSettings.mla_absorb
-            o = self.absorbed(q_nope, q_pe, kv["c_kv"], kv["k_pe"], step)
-        else:
-            o = self.materialised(q_nope, q_pe, kv["c_kv"], kv["k_pe"], step)
+        o = step.attention(self.layer, dict(c_kv=c_kv, k_pe=k_pe), (q_nope, q_pe), self.attend)
         return self.o(o.reshape(B, T, -1))
+
+    def attend(self, q_nope, q_pe, kv, step: Step):
+        """kv: the cache's c_kv (B, S, R) and k_pe (B, S, Dr) -> (B, T, H, Dv)."""
+        decode = step.T == 1 and step.cache is not None
+        if step.absorb == "always" or (step.absorb == "auto" and decode):   # RunSettings.mla_absorb
+            return self.absorbed(q_nope, q_pe, kv["c_kv"], kv["k_pe"], step)
+        return self.materialised(q_nope, q_pe, kv["c_kv"], kv["k_pe"], step)
 
     def materialised(self, q_nope, q_pe, c_kv, k_pe, step: Step):
         """Expand the latent into per-head K and V, then ordinary attention -> (B, T, H, Dv)."""

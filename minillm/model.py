@@ -131,11 +131,12 @@ class Decoder(nn.Module):
                        dtype or ref.dtype, device or ref.device)
 
     def forward(self, ids: torch.Tensor, start=0, cache: KVCache | None = None,
-                last: torch.Tensor | None = None) -> torch.Tensor:
+                last: torch.Tensor | None = None, step: Step | None = None) -> torch.Tensor:
         """ids (B, T) -> logits (B, T, vocab); with `last` ((B,) indices into T) only those
-        positions' logits, (B, vocab): prefill needs one row per sequence, not T."""
+        positions' logits, (B, vocab): prefill needs one row per sequence, not T. `step`: a
+        prepared one (the engine's paged step, over a flat batch: B == 1, `last` any length)."""
         B, T = ids.shape
-        step = Step(B, T, start, cache, self.run, ids.device)
+        step = step or Step(B, T, start, cache, self.run, ids.device)
         x = self.embed(ids)                                    # (B, T, C)
         rope = None
         if self.cfg.pos == "learned":

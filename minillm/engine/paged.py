@@ -1,0 +1,84 @@
+"""The paged KV cache and the Step that attends over block tables.
+
+The pool holds, per cache entry (k and v; MLA: c_kv and k_pe), one (layers, blocks * block_size,
+*shape) tensor: slot s of block b is row b * block_size + s. A step runs every scheduled token of
+every sequence as one flat batch, ids (1, N): the linear layers and MLPs see no padding, whatever
+the mix of prefill chunks and decodes. Attention is where sequences differ, so PagedStep splits
+there: all one-token sequences form one group (a decode batch, each row masked to its length) and
+each longer chunk is a group of its own; each group's K/V is gathered from its block tables into
+the (B, S, ...) layout that the contiguous cache gives, and handed to the same attention code
+(SDPA, MLA's latent attention, the Triton kernels), so the numbers are computed as before.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..attention import Step
+from ..config import RunSettings
+
+
+class PagedKV:
+    def __init__(self, shapes: dict[str, tuple[int, ...]], num_layers: int, num_blocks: int,
+                 block_size: int, dtype: torch.dtype, device):
+        # zeros, as KVCache: masked slots must not hold NaN (0 * NaN = NaN in p @ V)
+        self.tensors = {name: torch.zeros(num_layers, num_blocks * block_size, *shape, dtype=dtype, device=device)
+                        for name, shape in shapes.items()}
+        self.num_blocks, self.block_size = num_blocks, block_size
+
+    def layer(self, i: int) -> dict[str, torch.Tensor]:
+        return {name: t[i] for name, t in self.tensors.items()}   # each (slots, *shape)
+
+    @staticmethod
+    def bytes_per_block(shapes, num_layers: int, block_size: int, dtype: torch.dtype) -> int:
+        per_token = sum(torch.Size(s).numel() for s in shapes.values()) * num_layers
+        return per_token * block_size * torch.empty((), dtype=dtype).element_size()
+
+
+class PagedStep(Step):
+    """One engine step over `parts`: (block table, start, n) per sequence: its n new tokens sit at
+    positions start .. start + n - 1 and see keys 0 .. their own position."""
+
+    def __init__(self, parts: list[tuple[list[int], int, int]], cache: PagedKV, run: RunSettings, device):
+        bs = cache.block_size
+        self.cache, self.backend, self.absorb = cache, run.backend, run.mla_absorb
+        self.T, self.uniform = sum(n for _, _, n in parts), False
+        ranges = [torch.arange(start, start + n) for _, start, n in parts]
+        self.pos = torch.cat(ranges)[None].to(device)                                       # (1, N)
+        self.slots = torch.cat([torch.tensor(b)[p // bs] * bs + p % bs                      # (N,) pool rows
+                                for (b, _, _), p in zip(parts, ranges)]).to(device)
+        self.groups = []   # (flat indices (B*T,), sub-step of B sequences x T tokens, gather (B, S))
+        offsets = torch.tensor([0] + [n for _, _, n in parts]).cumsum(0).tolist()
+        ones = [i for i, (_, _, n) in enumerate(parts) if n == 1]
+        if ones:
+            starts = torch.tensor([parts[i][1] for i in ones])
+            gather = _gather([parts[i][0] for i in ones], int(starts.max()) + 1, bs)
+            self.groups.append((torch.tensor([offsets[i] for i in ones], device=device),
+                                Step(len(ones), 1, starts, cache, run, device), gather.to(device)))
+        for i, (blocks, start, n) in enumerate(parts):
+            if n > 1:
+                self.groups.append((torch.arange(offsets[i], offsets[i] + n, device=device),
+                                    Step(1, n, start, cache, run, device), _gather([blocks], start + n, bs).to(device)))
+
+    def attention(self, layer, new, queries, fn):
+        pool = self.cache.layer(layer)
+        for name, x in new.items():                                # x (1, N, *shape)
+            pool[name][self.slots] = x[0]
+        out = None
+        for idx, step, gather in self.groups:
+            B, T = step.pos.shape
+            kv = {name: t[gather] for name, t in pool.items()}     # (B, S, *shape)
+            o = fn(*(q[0, idx].view(B, T, *q.shape[2:]) for q in queries), kv, step)   # (B, T, H, Dv)
+            if out is None:
+                out = o.new_empty(1, self.T, *o.shape[2:])
+            out[0, idx] = o.reshape(B * T, *o.shape[2:])
+        return out
+
+
+def _gather(tables: list[list[int]], S: int, bs: int) -> torch.Tensor:
+    """(B, S) pool rows of positions 0..S-1 of each sequence; past a table's end, row 0 (masked)."""
+    pos = torch.arange(S)
+    out = torch.zeros(len(tables), S, dtype=torch.long)
+    for b, blocks in enumerate(tables):
+        n = min(S, len(blocks) * bs)
+        out[b, :n] = torch.tensor(blocks, dtype=torch.long)[pos[:n] // bs] * bs + pos[:n] % bs
+    return out
