@@ -162,7 +162,11 @@ class Engine:
                 seen = torch.tensor([r.tokens], device=logits.device) if r.params.repetition_penalty else None
                 toks[i] = next_tokens(logits[i:i + 1], r.params, seen, r.generator)[0]
         now, max_pos = time.perf_counter(), self.model.cfg.max_position
-        for r, t in zip(reqs, toks.tolist()):
+        for i, (r, t) in enumerate(zip(reqs, toks.tolist())):
+            if r.params.logprobs is not None:   # of the model's distribution, before any sampling setting
+                lp = logits[i].float().log_softmax(-1)
+                top = lp.topk(r.params.logprobs) if r.params.logprobs else None
+                r.logprobs.append((lp[t].item(), list(zip(top.indices.tolist(), top.values.tolist())) if top else []))
             r.seq.add(t, self.eos if r.params.eos is None else r.params.eos)
             self.counters["generated_tokens"] += 1
             if r.first_token_at is None:

@@ -20,9 +20,12 @@ class SamplingParams(Sampling):
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     eos: set[int] | None = None
+    logprobs: int | None = None     # keep each new token's log-probability and this many top ones
 
     def __post_init__(self):
         super().__post_init__()
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
         if self.max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
         if isinstance(self.stop, str):
@@ -49,6 +52,7 @@ class Request:
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     preemptions: int = 0
+    logprobs: list = field(default_factory=list)   # per new token: (its logprob, [(id, logprob)] top ones)
 
     @property
     def tokens(self) -> list[int]:
