@@ -7,13 +7,15 @@ the mix of prefill chunks and decodes. Attention is where sequences differ, so P
 there: all one-token sequences form one group (a decode batch, each row masked to its length) and
 each longer chunk is a group of its own; each group's K/V is gathered from its block tables into
 the (B, S, ...) layout that the contiguous cache gives, and handed to the same attention code
-(SDPA, MLA's latent attention, the Triton kernels), so the numbers are computed as before.
+(SDPA, MLA's latent attention, the Triton kernels), so the numbers are computed as before. On
+backend "triton" the decode group of MHA/GQA layers skips the gather: kernels/paged_decode.py reads
+the pool through the block tables (MLA's decode still gathers its latent).
 """
 from __future__ import annotations
 
 import torch
 
-from ..attention import Step
+from ..attention import Step, triton_attention
 from ..config import RunSettings
 
 
@@ -52,26 +54,43 @@ class PagedStep(Step):
         if ones:
             starts = torch.tensor([parts[i][1] for i in ones])
             gather = _gather([parts[i][0] for i in ones], int(starts.max()) + 1, bs)
-            self.groups.append((torch.tensor([offsets[i] for i in ones], device=device),
-                                Step(len(ones), 1, starts, cache, run, device), gather.to(device)))
+            step = Step(len(ones), 1, starts, cache, run, device)
+            nb = max(len(parts[i][0]) for i in ones)
+            step.table = torch.tensor([parts[i][0] + [0] * (nb - len(parts[i][0])) for i in ones], device=device)
+            self.groups.append((torch.tensor([offsets[i] for i in ones], device=device), step, gather.to(device)))
         for i, (blocks, start, n) in enumerate(parts):
             if n > 1:
                 self.groups.append((torch.arange(offsets[i], offsets[i] + n, device=device),
                                     Step(1, n, start, cache, run, device), _gather([blocks], start + n, bs).to(device)))
 
-    def attention(self, layer, new, queries, fn):
+    def attention(self, layer, new, queries, fn, gather_decode=True):
         pool = self.cache.layer(layer)
         for name, x in new.items():                                # x (1, N, *shape)
             pool[name][self.slots] = x[0]
         out = None
         for idx, step, gather in self.groups:
             B, T = step.pos.shape
-            kv = {name: t[gather] for name, t in pool.items()}     # (B, S, *shape)
+            skip = T == 1 and not gather_decode                    # fn reads the pool itself
+            kv = None if skip else {name: t[gather] for name, t in pool.items()}   # (B, S, *shape)
             o = fn(*(q[0, idx].view(B, T, *q.shape[2:]) for q in queries), kv, step)   # (B, T, H, Dv)
             if out is None:
                 out = o.new_empty(1, self.T, *o.shape[2:])
             out[0, idx] = o.reshape(B * T, *o.shape[2:])
         return out
+
+    def attend(self, layer, q, k, v, scale):
+        if self.backend != "triton":
+            return super().attend(layer, q, k, v, scale)
+        from minillm import kernels
+        bs = self.cache.block_size
+
+        def fn(q, kv, step):
+            if step.T == 1:   # the decode group: the paged kernel reads K/V through the block tables
+                pool = self.cache.layer(layer)
+                return kernels.paged_decode_attention(q[:, 0], pool["k"], pool["v"], step.table, step.start_t + 1,
+                                                      bs, scale)[:, None]
+            return triton_attention(q, kv["k"], kv["v"], scale, step)
+        return self.attention(layer, dict(k=k, v=v), (q,), fn, gather_decode=False)
 
 
 def _gather(tables: list[list[int]], S: int, bs: int) -> torch.Tensor:
