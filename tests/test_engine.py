@@ -231,3 +231,12 @@ def test_block_pool_ref_counts_prefix_keys_and_eviction():
     pool.release(fresh)
     pool.allocate(4)                                                 # now the keyed blocks are reused
     assert pool.num_cached == 0 and pool.match([1, 2, 3, 4, 5]) == []
+
+
+def test_a_stream_left_early_aborts_its_request(llms):
+    llm = llms["llama-gqa-tied-llama3"]
+    it = llm.stream("def fibonacci(n):", max_new_tokens=40, temperature=0)
+    next(it)
+    it.close()
+    m = llm.engine.metrics()
+    assert not llm.engine.has_work and m["requests_running"] == 0 and m["blocks_used"] == 0

@@ -33,7 +33,7 @@ from .scheduler import Scheduler
 @dataclass
 class EngineSettings:
     block_size: int = 16            # tokens per KV block
-    num_blocks: int | None = None   # None: as many as kv_memory holds (at most max_running full contexts)
+    num_blocks: int | None = None   # None: as many as kv_memory holds, at most max_running full contexts
     kv_memory: int = 1 << 30        # bytes for the KV pool when num_blocks is None
     max_running: int = 64           # requests in the running batch at once
     max_step_tokens: int = 512      # tokens computed per step (prefill is chunked to fit)
@@ -54,8 +54,8 @@ class Engine:
         shapes = type(model.layers[0].attn).cache_shapes(cfg)
         bs = settings.block_size
         full = -(-cfg.max_position // bs)                   # blocks of one full-context sequence
-        n = settings.num_blocks or max(full, min(settings.max_running * full, settings.kv_memory //
-                                                 PagedKV.bytes_per_block(shapes, cfg.num_layers, bs, ref.dtype)))
+        per_block = PagedKV.bytes_per_block(shapes, cfg.num_layers, bs, ref.dtype)
+        n = settings.num_blocks or max(1, min(settings.max_running * full, settings.kv_memory // per_block))
         self.kv = PagedKV(shapes, cfg.num_layers, n, bs, ref.dtype, ref.device)
         self.pool = BlockPool(n, bs)
         self.scheduler = Scheduler(self.pool, settings.max_running, settings.max_step_tokens)
@@ -82,7 +82,8 @@ class Engine:
         need = -(-min(len(prompt) + params.max_tokens, cfg.max_position) // bs)
         if need > self.pool.num_blocks:
             raise ValueError(f"a prompt of {len(prompt)} tokens with max_tokens={params.max_tokens} needs {need} KV "
-                             f"blocks of {bs} tokens; the pool has {self.pool.num_blocks} (raise num_blocks or kv_memory)")
+                             f"blocks of {bs} tokens; the pool has {self.pool.num_blocks} (raise num_blocks or kv_memory: "
+                             "llm.new_engine(kv_memory=BYTES))")
         decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
         r = Request(prompt, params, Sequence(prompt, decoder, list(params.stop)), listener=listener)
         if request_id is not None:
