@@ -27,7 +27,7 @@ class Scheduler:
 
     def schedule(self) -> list[tuple[Request, int]]:
         """-> (request, tokens to compute) for this step; the requests' blocks cover them."""
-        budget, out = self.max_step_tokens, []
+        budget, out, preempted = self.max_step_tokens, [], self.preemptions
         for r in list(self.running):
             if not budget or r not in self.running:   # preempted by an older one just now
                 break
@@ -40,7 +40,8 @@ class Scheduler:
             else:
                 out.append((r, n))
                 budget -= n
-        while self.waiting and budget and len(self.running) < self.max_running:
+        # after a preemption, admit no one: the blocks are short, and a newcomer would be next to go
+        while self.waiting and budget and len(self.running) < self.max_running and preempted == self.preemptions:
             r = self.waiting[0]
             tokens = r.tokens
             r.blocks = self.pool.match(tokens)
