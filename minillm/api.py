@@ -113,14 +113,14 @@ class LLM:
             token_healing or (token_healing is None and p.endswith((" ", "\t")))) else None
             for p, i in zip(prompts, ids)]
         ids = [h.ids if h else i for h, i in zip(heals, ids)]
-        if cache is not None or any(heals):
+        if cache is not None:
             return run(self.model, self.tokenizer, ids, max_new_tokens, sampling,
                        set(self.eos_token_ids) if eos is None else eos, stop, seed, cache, start, heals)
         if max_new_tokens < 0:
             raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         params = SamplingParams(**vars(sampling), max_tokens=max_new_tokens, seed=seed, stop=stop,
                                 eos=set(self.eos_token_ids) if eos is None else set(eos))
-        return ([r.seq for r in reqs] for reqs in self.engine.run(ids, params))
+        return ([r.seq for r in reqs] for reqs in self.engine.run(ids, params, heals))
 
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,

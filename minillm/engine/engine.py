@@ -21,7 +21,8 @@ from typing import Iterator
 
 import torch
 
-from ..generate import Sequence, next_tokens
+from ..errors import UsageError
+from ..generate import Heal, Sequence, next_tokens
 from ..model import Decoder
 from ..tokenizer import StreamDecoder
 from .blocks import BlockPool
@@ -41,9 +42,9 @@ class EngineSettings:
     def __post_init__(self):
         for name in ("block_size", "max_running", "max_step_tokens", "kv_memory"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_blocks is not None and self.num_blocks < 1:
-            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+            raise UsageError(f"num_blocks must be >= 1, got {self.num_blocks}")
 
 
 class Engine:
@@ -67,25 +68,27 @@ class Engine:
     # -- requests -----------------------------------------------------------------------------
 
     def add(self, prompt: list[int], params: SamplingParams | None = None, listener=None,
-            request_id: str | None = None) -> Request:
-        """Queue a request (any thread); bad input is a ValueError here, before anything runs."""
+            request_id: str | None = None, heal: Heal | None = None) -> Request:
+        """Queue a request (any thread); bad input is a UsageError (a ValueError) here, before
+        anything runs. heal (generate.heal): `prompt` is heal.ids, the first token must extend heal.tail."""
         params = params or SamplingParams()
         cfg, bs = self.model.cfg, self.pool.block_size
         prompt = [int(t) for t in prompt]
         if not prompt:
-            raise ValueError("empty prompt: give at least one token")
+            raise UsageError("empty prompt: give at least one token")
         if len(prompt) > cfg.max_position:
-            raise ValueError(f"prompt of {len(prompt)} tokens exceeds the model's context of {cfg.max_position}")
+            raise UsageError(f"prompt of {len(prompt)} tokens exceeds the model's context of {cfg.max_position}")
         bad = next((t for t in prompt if not 0 <= t < cfg.vocab_size), None)
         if bad is not None:
-            raise ValueError(f"token id {bad} is outside the vocabulary (0..{cfg.vocab_size - 1})")
+            raise UsageError(f"token id {bad} is outside the vocabulary (0..{cfg.vocab_size - 1})")
         need = -(-min(len(prompt) + params.max_tokens, cfg.max_position) // bs)
         if need > self.pool.num_blocks:
-            raise ValueError(f"a prompt of {len(prompt)} tokens with max_tokens={params.max_tokens} needs {need} KV "
+            raise UsageError(f"a prompt of {len(prompt)} tokens with max_tokens={params.max_tokens} needs {need} KV "
                              f"blocks of {bs} tokens; the pool has {self.pool.num_blocks} (raise num_blocks or kv_memory: "
                              "llm.new_engine(kv_memory=BYTES))")
-        decoder = StreamDecoder(self.tokenizer) if self.tokenizer is not None else None
-        r = Request(prompt, params, Sequence(prompt, decoder, list(params.stop)), listener=listener)
+        decoder = StreamDecoder(self.tokenizer, heal.context if heal else ()) if self.tokenizer is not None else None
+        r = Request(prompt, params, Sequence(prompt, decoder, list(params.stop), heal=heal.tail if heal else ""),
+                    listener=listener, allowed=heal.allowed if heal else None)
         if request_id is not None:
             r.id = request_id
         if params.temperature:
@@ -154,6 +157,11 @@ class Engine:
             return [r for r, _ in batch]
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor):
+        for i, r in enumerate(reqs):
+            if r.allowed is not None and not r.seq.tokens:   # token healing: the first token extends the tail
+                keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+                keep[r.allowed] = True
+                logits[i] = logits[i].masked_fill(~keep, float("-inf"))
         toks = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
         greedy = [i for i, r in enumerate(reqs) if r.params.greedy]
         if greedy:
@@ -186,10 +194,10 @@ class Engine:
 
     # -- driving it -----------------------------------------------------------------------------
 
-    def run(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[Request]]:
+    def run(self, prompts: list[list[int]], params: SamplingParams, heals=None) -> Iterator[list[Request]]:
         """Add the prompts, step until all are finished, yielding them after each step (at least
         once). A caller that stops early (a broken stream) aborts what is unfinished."""
-        reqs = [self.add(p, params) for p in prompts]
+        reqs = [self.add(p, params, heal=h) for p, h in zip(prompts, heals or [None] * len(prompts))]
         try:
             yielded = False
             while not all(r.finished for r in reqs):

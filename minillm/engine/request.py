@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import UsageError
 from ..generate import Sampling, Sequence
 
 _ids = itertools.count()
@@ -25,9 +26,9 @@ class SamplingParams(Sampling):
     def __post_init__(self):
         super().__post_init__()
         if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+            raise UsageError(f"logprobs must be >= 0, got {self.logprobs}")
         if self.max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+            raise UsageError(f"max_tokens must be >= 0, got {self.max_tokens}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
 
@@ -52,6 +53,7 @@ class Request:
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     preemptions: int = 0
+    allowed: list[int] | None = None          # token healing: the ids the first new token may be
     logprobs: list = field(default_factory=list)   # per new token: (its logprob, [(id, logprob)] top ones)
 
     @property
