@@ -224,6 +224,54 @@ def info(model, device, dtype, backend, memory, as_json):
     click.echo(json.dumps(d) if as_json else format_info(d))
 
 
+SERVE_HINT = "minillm serve needs fastapi and uvicorn: pip install 'minillm[serve]' (in a checkout: pip install -e '.[serve]')"
+
+
+@main.command()
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback unless told).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", default=None, envvar="MINILLM_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1 (or set MINILLM_API_KEY).")
+@click.option("--served-model-name", default=None, help="The model's name in the API (default: -m as given, "
+                                                         "else the embedded model's folder name).")
+@click.option("--max-running", default=64, show_default=True, type=click.IntRange(1),
+              help="Sequences in the running batch at once.")
+@click.option("--max-pending", default=None, type=click.IntRange(1),
+              help="Sequences running or waiting; beyond it requests get 503 (default: 4 x --max-running).")
+@click.option("--kv-memory", default=None, help="Bytes for the KV pool, e.g. 2GiB (default: 1GiB, at most "
+                                                "--max-running full contexts).")
+@click.option("--kv-blocks", default=None, type=click.IntRange(1), help="Size the KV pool in blocks instead.")
+@click.option("--block-size", default=16, show_default=True, type=click.IntRange(1), help="Tokens per KV block.")
+@click.option("--chat-template", default=None, metavar="FILE", help="A Jinja chat template file: replaces the "
+                                                                   "model's for /v1/chat/completions.")
+@friendly
+def serve(model, device, dtype, backend, host, port, api_key, served_model_name, max_running, max_pending,
+          kv_memory, kv_blocks, block_size, chat_template):
+    """An OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models,
+    /health, /metrics."""
+    if kv_memory is not None and kv_blocks is not None:
+        raise ValueError("give --kv-memory or --kv-blocks, not both")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        fail(SERVE_HINT)
+    from .api import load
+    from .engine import EngineSettings
+    from .info import parse_size
+    from .server import Server, serve as run_server
+    settings = dict(block_size=block_size, max_running=max_running, num_blocks=kv_blocks)
+    if kv_memory is not None:
+        settings["kv_memory"] = parse_size(kv_memory)
+    settings = EngineSettings(**settings)
+    llm = load(model, device=device, dtype=dtype, backend=backend)
+    if chat_template is not None:
+        llm._template(chat_template).check(chat_template)    # a template that does not parse: fail now
+    server = Server(llm, served_model_name or model or llm.path.name, settings, api_key, max_pending, chat_template)
+    run_server(server, host, port)
+
+
 def _ints(ctx, param, value: str) -> list[int]:
     try:
         out = [int(v) for v in value.split(",") if v.strip()]
