@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import threading
 import time
 import traceback
@@ -28,6 +29,19 @@ from .engine import Engine, EngineSettings, SamplingParams
 from .server_protocol import ApiError, ChatRequest, Common, CompletionRequest, parse
 
 log = logging.getLogger("minillm.server")
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: each byte is shown as one printable character; -> its inverse."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shown, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in shown:
+            shown[b], extra = chr(256 + extra), extra + 1
+    return {c: b for b, c in shown.items()}
+
+
+BYTE_DECODER = _byte_decoder()
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}   # the engine's reasons -> OpenAI's
 
 
@@ -230,6 +244,7 @@ class Server:
         engine = Engine(llm.model, llm.tokenizer, set(llm.eos_token_ids), settings)
         self.bridge = Bridge(engine, max_pending or 4 * settings.max_running)
         self.created = int(time.time())
+        self.specials = set(llm.tokenizer.special_tokens().values()) if llm.tokenizer else set()
 
     # -- request -> engine inputs --
 
@@ -270,8 +285,26 @@ class Server:
         return [SamplingParams(**vars(s), max_tokens=max_tokens, seed=seed, stop=list(req.stop or []),
                                eos=None if eos is None else set(eos), logprobs=logprobs) for seed in seeds]
 
+    def token_bytes(self, t: int) -> bytes:
+        """A token's own bytes: a byte-level BPE token may hold part of a UTF-8 character."""
+        tok = self.llm.tokenizer
+        if tok is None:
+            return str(t).encode()
+        piece = tok.tok.id_to_token(t) or ""
+        if t in self.specials:
+            return piece.encode()
+        if type(tok.tok.decoder).__name__ == "ByteLevel" and all(c in BYTE_DECODER for c in piece):
+            return bytes(BYTE_DECODER[c] for c in piece)
+        m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)     # sentencepiece's byte fallback
+        return bytes([int(m[1], 16)]) if m else tok.decode([t]).encode()
+
     def token_text(self, t: int) -> str:
-        return self.llm.tokenizer.tok.decode([t], skip_special_tokens=False) if self.llm.tokenizer else str(t)
+        """As OpenAI names a token: its text, or "bytes:\\xe6\\x97" when it is not whole UTF-8."""
+        b = self.token_bytes(t)
+        try:
+            return b.decode()
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{x:02x}" for x in b)
 
     # -- the two endpoints --
 
@@ -349,7 +382,7 @@ class Server:
         lp = None
         if c.logprobs:
             entry = lambda t, v: dict(token=self.token_text(t), logprob=v,  # noqa: E731
-                                      bytes=list(self.token_text(t).encode()))
+                                      bytes=list(self.token_bytes(t)))
             lp = dict(content=[dict(entry(t, x), top_logprobs=[entry(u, v) for u, v in top])
                                for t, (x, top) in zip(c.tokens, c.logprobs)], refusal=None)
         msg = dict(content=c.text) if stream else dict(role="assistant", content=c.text)
