@@ -248,24 +248,24 @@ class Server:
 
     # -- request -> engine inputs --
 
-    def check(self, request: Request, req: Common | None = None):
+    def check(self, request: Request):
         if self.api_key is not None:
             got = request.headers.get("authorization", "")
             if not hmac.compare_digest(got.encode(), f"Bearer {self.api_key}".encode()):
                 raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key",
                                type="authentication_error")
-        if req is not None and req.model != self.model_name:
-            raise ApiError(404, f"the model {req.model!r} does not exist (this server has {self.model_name!r})",
-                           "model", "model_not_found")
 
     async def body(self, request: Request, cls):
+        self.check(request)                  # the key first: a stranger learns nothing from 400s
         raw = await request.body()
         try:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
         req = parse(cls, data)
-        self.check(request, req)
+        if req.model != self.model_name:
+            raise ApiError(404, f"the model {req.model!r} does not exist (this server has {self.model_name!r})",
+                           "model", "model_not_found")
         return req
 
     def params(self, req: Common, prompt_lens: list[int], max_tokens: int | None, default: int | None,

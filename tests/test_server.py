@@ -292,6 +292,7 @@ def test_routes_keys_and_health(srv, monkeypatch):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
         check_error(httpx.get(srv.url + "/v1/models", headers=headers), 401)
         check_error(httpx.post(srv.url + "/v1/completions", json={"model": NAME, "prompt": "x"}, headers=headers), 401)
+        check_error(httpx.post(srv.url + "/v1/chat/completions", content="{", headers=headers), 401)   # before 400
     with pytest.raises(openai.AuthenticationError):
         srv.client.completions.create(model=NAME, prompt="x", max_tokens=2)
     keyed = openai.OpenAI(base_url=srv.url + "/v1", api_key="sekret", max_retries=0)
