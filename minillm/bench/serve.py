@@ -49,6 +49,7 @@ def main(argv=None):
     ap.add_argument("--prompts", type=int, default=32, help="distinct prompts the clients draw from")
     ap.add_argument("--new", type=int, default=32, help="new tokens per load-test request")
     ap.add_argument("--tp-new", type=int, default=64, help="new tokens per throughput request (0: skip)")
+    ap.add_argument("--rounds", type=int, default=2, help="load-test rounds (RSS after each: does it grow?)")
     ap.add_argument("--hf", action="store_true", help="also time transformers' generate_batch")
     ap.add_argument("--kv-memory", default="2GiB")
     a = ap.parse_args(argv)
@@ -100,24 +101,25 @@ def main(argv=None):
 
         def client_run(c: int):
             return [one(c * a.per_client + j) for j in range(a.per_client)]
-        t = time.perf_counter()
-        with ThreadPoolExecutor(a.clients) as pool:
-            results = [r for rs in pool.map(client_run, range(a.clients)) for r in rs]
-        t_load = time.perf_counter() - t
+        for round in range(1, a.rounds + 1):
+            t = time.perf_counter()
+            with ThreadPoolExecutor(a.clients) as pool:
+                results = [r for rs in pool.map(client_run, range(a.clients)) for r in rs]
+            t_load = time.perf_counter() - t
+            whole = sum(f is not None and u is not None for _, _, f, u in results)
+            same = sum(text == alone[k % len(prompts)].text and
+                       u.completion_tokens == len(alone[k % len(prompts)].token_ids) for k, text, _, u in results)
+            toks = sum(u.completion_tokens for *_, u in results if u)
+            m = _metrics(url)
+            print(f"1.{round} load: {a.clients} streaming clients x {a.per_client} requests ({len(results)}), prompts "
+                  f"{min(lengths)}..{max(lengths)} tokens, {a.new} new: {whole}/{len(results)} whole, "
+                  f"{same}/{len(results)} equal llm.generate alone; {toks / t_load:.1f} tok/s over {t_load:.0f} s; "
+                  f"after: running {m['minillm_requests_running']:.0f}, waiting {m['minillm_requests_waiting']:.0f}, "
+                  f"blocks used {m['minillm_kv_blocks_used']:.0f} / free {m['minillm_kv_blocks_free']:.0f} "
+                  f"(cached {m['minillm_kv_blocks_cached']:.0f}) of {m['minillm_kv_blocks_total']:.0f}; server RSS "
+                  f"{rss[0] / 2**20:.0f} MiB at start, max {max(rss) / 2**20:.0f} MiB, now {rss[-1] / 2**20:.0f} MiB",
+                  flush=True)
         done.set()
-        whole = sum(f is not None and u is not None for _, _, f, u in results)
-        same = sum(text == alone[k % len(prompts)].text and u.completion_tokens == len(alone[k % len(prompts)].token_ids)
-                   for k, text, _, u in results)
-        toks = sum(u.completion_tokens for *_, u in results if u)
-        m = _metrics(url)
-        print(f"1. load: {a.clients} streaming clients x {a.per_client} requests ({len(results)}), prompts "
-              f"{min(lengths)}..{max(lengths)} tokens, {a.new} new: {whole}/{len(results)} whole, "
-              f"{same}/{len(results)} equal llm.generate alone; {toks / t_load:.1f} tok/s over {t_load:.0f} s; "
-              f"after: running {m['minillm_requests_running']:.0f}, waiting {m['minillm_requests_waiting']:.0f}, "
-              f"blocks used {m['minillm_kv_blocks_used']:.0f} / free {m['minillm_kv_blocks_free']:.0f} "
-              f"(cached {m['minillm_kv_blocks_cached']:.0f}) of {m['minillm_kv_blocks_total']:.0f}; server RSS "
-              f"{rss[0] / 2**20:.0f} MiB before, max {max(rss) / 2**20:.0f} MiB, last {rss[-1] / 2**20:.0f} MiB "
-              f"({len(rss)} samples)", flush=True)
 
         if a.tp_new:
             tail = [[7, 8, 9, k] for k in range(len(prompts))]     # new to the prefix cache: no hits from 1.
