@@ -58,8 +58,9 @@ class Delta:
 class Bridge:
     """The engine on a thread of its own, and the requests in flight (at most max_pending)."""
 
-    def __init__(self, engine: Engine, max_pending: int):
-        self.engine, self.max_pending = engine, max_pending
+    def __init__(self, llm, settings: EngineSettings, max_pending: int):
+        self.engine = Engine(llm.model, llm.tokenizer, set(llm.eos_token_ids), settings)
+        self.max_pending = max_pending
         self.pending: set[str] = set()          # engine request ids not yet finished
         self.counters = dict(aborted=0, rejected=0, engine_errors=0)
         self._stop = threading.Event()
@@ -241,8 +242,7 @@ class Server:
     def __init__(self, llm, model_name: str, settings: EngineSettings, api_key: str | None = None,
                  max_pending: int | None = None, chat_template: str | None = None):
         self.llm, self.model_name, self.api_key, self.chat_template = llm, model_name, api_key, chat_template
-        engine = Engine(llm.model, llm.tokenizer, set(llm.eos_token_ids), settings)
-        self.bridge = Bridge(engine, max_pending or 4 * settings.max_running)
+        self.bridge = Bridge(llm, settings, max_pending or 4 * settings.max_running)
         self.created = int(time.time())
         self.specials = set(llm.tokenizer.special_tokens().values()) if llm.tokenizer else set()
 
