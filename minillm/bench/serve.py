@@ -134,9 +134,9 @@ def main(argv=None):
             t = time.perf_counter()
             n_seq = sum(req(p) for p in ps)
             t_seq = time.perf_counter() - t
-            print(f"2. throughput, {len(ps)} requests of {a.tp_new} new tokens: at once {n_at_once / t_at_once:.1f} "
-                  f"tok/s, one after another {n_seq / t_seq:.1f} tok/s ({n_at_once / t_at_once / (n_seq / t_seq):.1f}x)",
-                  flush=True)
+            tps, tps_seq = n_at_once / t_at_once, n_seq / t_seq
+            print(f"2. throughput, {len(ps)} requests of {a.tp_new} new tokens: at once {tps:.1f} tok/s, one after "
+                  f"another {tps_seq:.1f} tok/s ({tps / tps_seq:.1f}x)", flush=True)
             if a.hf:
                 from transformers import AutoModelForCausalLM, GenerationConfig
                 hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -146,7 +146,7 @@ def main(argv=None):
                 t_hf = time.perf_counter() - t
                 hf_tok = sum(len(o.generated_tokens) for o in out.values())
                 print(f"3. transformers generate_batch, same requests: {hf_tok / t_hf:.1f} tok/s "
-                      f"(minillm serve at once: {n_at_once / t_at_once:.1f})", flush=True)
+                      f"(minillm serve at once: {tps:.1f})", flush=True)
 
         prefix = torch.randint(3, V, (512,), generator=torch.Generator().manual_seed(1)).tolist()
         ttft = []
