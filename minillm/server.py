@@ -13,7 +13,6 @@ import asyncio
 import hmac
 import json
 import logging
-import re
 import threading
 import time
 import traceback
@@ -26,23 +25,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from .engine import Engine, EngineSettings, SamplingParams
-from .server_protocol import ApiError, ChatRequest, Common, CompletionRequest, parse
+from .server_protocol import (ApiError, ChatRequest, Choice, Common, CompletionRequest, TokenNames, chat_choice,
+                              completion_choice, parse)
 
 log = logging.getLogger("minillm.server")
 
 
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet: each byte is shown as one printable character; -> its inverse."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    shown, extra = {b: chr(b) for b in keep}, 0
-    for b in range(256):
-        if b not in shown:
-            shown[b], extra = chr(256 + extra), extra + 1
-    return {c: b for b, c in shown.items()}
-
-
-BYTE_DECODER = _byte_decoder()
-FINISH = {"eos": "stop", "stop": "stop", "length": "length"}   # the engine's reasons -> OpenAI's
 
 
 @dataclass
@@ -224,27 +212,13 @@ class Job:
 # -- responses -----------------------------------------------------------------------------------
 
 
-@dataclass
-class Choice:
-    text: str = ""
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list = field(default_factory=list)
-    finish_reason: str | None = None
-
-    def add(self, d: Delta):
-        self.text += d.text
-        self.tokens += d.tokens
-        self.logprobs += d.logprobs
-        self.finish_reason = FINISH.get(d.finish_reason, d.finish_reason)
-
-
 class Server:
     def __init__(self, llm, model_name: str, settings: EngineSettings, api_key: str | None = None,
                  max_pending: int | None = None, chat_template: str | None = None):
         self.llm, self.model_name, self.api_key, self.chat_template = llm, model_name, api_key, chat_template
         self.bridge = Bridge(llm, settings, max_pending or 4 * settings.max_running)
         self.created = int(time.time())
-        self.specials = set(llm.tokenizer.special_tokens().values()) if llm.tokenizer else set()
+        self.names = TokenNames(llm.tokenizer)
 
     # -- request -> engine inputs --
 
@@ -285,27 +259,6 @@ class Server:
         return [SamplingParams(**vars(s), max_tokens=max_tokens, seed=seed, stop=list(req.stop or []),
                                eos=None if eos is None else set(eos), logprobs=logprobs) for seed in seeds]
 
-    def token_bytes(self, t: int) -> bytes:
-        """A token's own bytes: a byte-level BPE token may hold part of a UTF-8 character."""
-        tok = self.llm.tokenizer
-        if tok is None:
-            return str(t).encode()
-        piece = tok.tok.id_to_token(t) or ""
-        if t in self.specials:
-            return piece.encode()
-        if type(tok.tok.decoder).__name__ == "ByteLevel" and all(c in BYTE_DECODER for c in piece):
-            return bytes(BYTE_DECODER[c] for c in piece)
-        m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)     # sentencepiece's byte fallback
-        return bytes([int(m[1], 16)]) if m else tok.decode([t]).encode()
-
-    def token_text(self, t: int) -> str:
-        """As OpenAI names a token: its text, or "bytes:\\xe6\\x97" when it is not whole UTF-8."""
-        b = self.token_bytes(t)
-        try:
-            return b.decode()
-        except UnicodeDecodeError:
-            return "bytes:" + "".join(f"\\x{x:02x}" for x in b)
-
     # -- the two endpoints --
 
     async def completions(self, request: Request):
@@ -314,7 +267,7 @@ class Server:
             raise ApiError(400, "this model has no tokenizer: give the prompt as token ids", "prompt")
         prompts = [self.llm.tokenizer.encode(p) if isinstance(p, str) else p for p in req.prompt]
         params = self.params(req, [len(p) for p in prompts], req.max_tokens, 16, None, req.logprobs)
-        return await self.respond(request, req, prompts, params, "cmpl", "text_completion", self.completion_choice)
+        return await self.respond(request, req, prompts, params, "cmpl", "text_completion", completion_choice)
 
     async def chat(self, request: Request):
         req: ChatRequest = await self.body(request, ChatRequest)
@@ -326,7 +279,7 @@ class Server:
         mt = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         lp = (req.top_logprobs or 0) if req.logprobs else None
         params = self.params(req, [len(prompt)], mt, None, eos, lp)
-        return await self.respond(request, req, [prompt], params, "chatcmpl", "chat.completion", self.chat_choice)
+        return await self.respond(request, req, [prompt], params, "chatcmpl", "chat.completion", chat_choice)
 
     async def respond(self, request, req, prompts, params, prefix, obj, choice_fn):
         try:
@@ -345,7 +298,7 @@ class Server:
             choices[d.index].add(d)
         if any(c.finish_reason is None for c in choices):    # the client left
             return JSONResponse({}, status_code=499)
-        return JSONResponse(dict(head, choices=[choice_fn(i, c, False) for i, c in enumerate(choices)],
+        return JSONResponse(dict(head, choices=[choice_fn(i, c, False, self.names) for i, c in enumerate(choices)],
                                  usage=usage(choices), system_fingerprint=None))
 
     async def sse(self, job: Job, req: Common, head: dict, choices, choice_fn, usage):
@@ -354,42 +307,19 @@ class Server:
         extra = {"usage": None} if usage_on else {}
         emit = lambda cs: "data: " + json.dumps(dict(chunk_head, choices=cs, **extra)) + "\n\n"  # noqa: E731
         try:
-            if choice_fn == self.chat_choice:      # OpenAI opens each chat choice with its role
+            if choice_fn is chat_choice:      # OpenAI opens each chat choice with its role
                 yield emit([dict(index=i, delta=dict(role="assistant", content=""), logprobs=None, finish_reason=None)
                             for i in range(len(choices))])
             async for d in job.deltas():
                 c = Choice()
                 c.add(d)
                 choices[d.index].add(d)
-                yield emit([choice_fn(d.index, c, True)])
+                yield emit([choice_fn(d.index, c, True, self.names)])
             if usage_on:
                 yield "data: " + json.dumps(dict(chunk_head, choices=[], usage=usage(choices))) + "\n\n"
         except ApiError as e:      # the headers are sent: the error goes in the stream, as OpenAI does
             yield "data: " + json.dumps(e.body()) + "\n\n"
         yield "data: [DONE]\n\n"
-
-    def completion_choice(self, i: int, c: Choice, stream: bool) -> dict:
-        lp = None
-        if c.logprobs:
-            toks = [self.token_text(t) for t in c.tokens]
-            offsets = [sum(map(len, toks[:k])) for k in range(len(toks))]
-            lp = dict(tokens=toks, token_logprobs=[x for x, _ in c.logprobs],
-                      top_logprobs=[{self.token_text(t): v for t, v in top} for _, top in c.logprobs],
-                      text_offset=offsets)
-        return dict(index=i, text=c.text, logprobs=lp, finish_reason=c.finish_reason)
-
-    def chat_choice(self, i: int, c: Choice, stream: bool) -> dict:
-        lp = None
-        if c.logprobs:
-            entry = lambda t, v: dict(token=self.token_text(t), logprob=v,  # noqa: E731
-                                      bytes=list(self.token_bytes(t)))
-            lp = dict(content=[dict(entry(t, x), top_logprobs=[entry(u, v) for u, v in top])
-                               for t, (x, top) in zip(c.tokens, c.logprobs)], refusal=None)
-        msg = dict(content=c.text) if stream else dict(role="assistant", content=c.text)
-        if stream and not c.text:
-            msg = {}
-        return dict(index=i, **{"delta" if stream else "message": msg}, logprobs=lp, finish_reason=c.finish_reason)
-
 
 def create_app(server: Server) -> FastAPI:
     from contextlib import asynccontextmanager

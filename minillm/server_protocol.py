@@ -1,4 +1,5 @@
-"""OpenAI's request shapes for `minillm serve`: what a request may say, checked before anything runs.
+"""OpenAI's shapes for `minillm serve`: what a request may say (checked before anything runs), and
+the choices of a response.
 
 Every field either changes the result and is supported, changes nothing (user, metadata, ...), or
 is refused with a 400 that names it: a client never gets an answer that quietly ignored a setting.
@@ -6,6 +7,8 @@ Types are strict (no "1" for 1, no true for 1), ranges are the engine's (generat
 """
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -149,3 +152,88 @@ def parse(cls: type[Common], body: Any) -> Common:
     if isinstance(req, ChatRequest) and req.top_logprobs and not req.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
     return req
+
+
+# -- responses ------------------------------------------------------------------------------------
+
+FINISH = {"eos": "stop", "stop": "stop", "length": "length"}   # the engine's reasons -> OpenAI's
+
+
+@dataclass
+class Choice:
+    """One choice's answer so far."""
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, d):    # a server.Delta
+        self.text += d.text
+        self.tokens += d.tokens
+        self.logprobs += d.logprobs
+        self.finish_reason = FINISH.get(d.finish_reason, d.finish_reason)
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: each byte is shown as one printable character; -> its inverse."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shown, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in shown:
+            shown[b], extra = chr(256 + extra), extra + 1
+    return {c: b for b, c in shown.items()}
+
+
+BYTE_DECODER = _byte_decoder()
+
+
+class TokenNames:
+    """A token id -> its bytes, and its name as OpenAI's logprobs give it."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.specials = set(tokenizer.special_tokens().values()) if tokenizer else set()
+
+    def raw(self, t: int) -> bytes:
+        """A token's own bytes: a byte-level BPE token may hold part of a UTF-8 character."""
+        tok = self.tokenizer
+        if tok is None:
+            return str(t).encode()
+        piece = tok.tok.id_to_token(t) or ""
+        if t in self.specials:
+            return piece.encode()
+        if type(tok.tok.decoder).__name__ == "ByteLevel" and all(c in BYTE_DECODER for c in piece):
+            return bytes(BYTE_DECODER[c] for c in piece)
+        m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)     # sentencepiece's byte fallback
+        return bytes([int(m[1], 16)]) if m else tok.decode([t]).encode()
+
+    def text(self, t: int) -> str:
+        """As OpenAI names a token: its text, or "bytes:\\xe6\\x97" when it is not whole UTF-8."""
+        b = self.raw(t)
+        try:
+            return b.decode()
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{x:02x}" for x in b)
+
+
+def completion_choice(i: int, c: Choice, stream: bool, names: TokenNames) -> dict:
+    lp = None
+    if c.logprobs:
+        toks = [names.text(t) for t in c.tokens]
+        offsets = [sum(map(len, toks[:k])) for k in range(len(toks))]
+        lp = dict(tokens=toks, token_logprobs=[x for x, _ in c.logprobs],
+                  top_logprobs=[{names.text(t): v for t, v in top} for _, top in c.logprobs],
+                  text_offset=offsets)
+    return dict(index=i, text=c.text, logprobs=lp, finish_reason=c.finish_reason)
+
+
+def chat_choice(i: int, c: Choice, stream: bool, names: TokenNames) -> dict:
+    lp = None
+    if c.logprobs:
+        entry = lambda t, v: dict(token=names.text(t), logprob=v, bytes=list(names.raw(t)))  # noqa: E731
+        lp = dict(content=[dict(entry(t, x), top_logprobs=[entry(u, v) for u, v in top])
+                           for t, (x, top) in zip(c.tokens, c.logprobs)], refusal=None)
+    msg = dict(content=c.text) if stream else dict(role="assistant", content=c.text)
+    if stream and not c.text:
+        msg = {}
+    return dict(index=i, **{"delta" if stream else "message": msg}, logprobs=lp, finish_reason=c.finish_reason)
