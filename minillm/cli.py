@@ -252,7 +252,7 @@ def serve(model, device, dtype, backend, host, port, api_key, served_model_name,
     """An OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models,
     /health, /metrics."""
     if kv_memory is not None and kv_blocks is not None:
-        raise ValueError("give --kv-memory or --kv-blocks, not both")
+        raise UsageError("give --kv-memory or --kv-blocks, not both")
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
