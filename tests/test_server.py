@@ -380,7 +380,7 @@ def test_cli_serve_and_sigterm(ckpt, llm):
 def test_cli_serve_errors(ckpt):
     from conftest import run_cli
     r = run_cli("serve", "-m", str(ckpt), "--kv-memory", "1GiB", "--kv-blocks", "4")
-    assert r.returncode != 0 and r.stderr.startswith("minillm: error:") and "--kv-blocks" in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("minillm: error:") and "--kv-blocks" in r.stderr
     assert "Traceback" not in r.stderr
     # without the server's packages: a one-line install hint
     code = "import sys; sys.modules['uvicorn'] = None; from minillm.cli import main; sys.argv[0] = 'minillm'; main()"
