@@ -224,8 +224,8 @@ def info(model, device, dtype, backend, memory, as_json):
     click.echo(json.dumps(d) if as_json else format_info(d))
 
 
-SERVE_HINT = ("minillm serve needs fastapi and uvicorn: pip install 'minillm[serve]' "
-              "(in a checkout: pip install -e '.[serve]')")
+SERVE_HINT = ('minillm serve needs fastapi and uvicorn: pip install fastapi uvicorn '
+              '(in a minillm checkout: pip install -e ".[serve]")')
 
 
 @main.command()
