@@ -54,14 +54,17 @@ class PagedStep(Step):
         if ones:
             starts = torch.tensor([parts[i][1] for i in ones])
             gather = _gather([parts[i][0] for i in ones], int(starts.max()) + 1, bs)
-            step = Step(len(ones), 1, starts, cache, run, device)
+            # equal lengths (one sequence, always): an int start, so attention takes the unmasked
+            # decode path (attention.sdpa: GQA heads as query rows), as the contiguous loop does
+            same = bool((starts == starts[0]).all())
+            step = Step(len(ones), 1, int(starts[0]) if same else starts, cache, run, device)
             nb = max(len(parts[i][0]) for i in ones)
             step.table = torch.tensor([parts[i][0] + [0] * (nb - len(parts[i][0])) for i in ones], device=device)
-            self.groups.append((torch.tensor([offsets[i] for i in ones], device=device), step, gather.to(device)))
+            self.groups.append((torch.tensor([offsets[i] for i in ones], device=device), step, _to(gather, device)))
         for i, (blocks, start, n) in enumerate(parts):
             if n > 1:
                 self.groups.append((torch.arange(offsets[i], offsets[i] + n, device=device),
-                                    Step(1, n, start, cache, run, device), _gather([blocks], start + n, bs).to(device)))
+                                    Step(1, n, start, cache, run, device), _to(_gather([blocks], start + n, bs), device)))
 
     def attention(self, layer, new, queries, fn, gather_decode=True):
         pool = self.cache.layer(layer)
@@ -71,7 +74,8 @@ class PagedStep(Step):
         for idx, step, gather in self.groups:
             B, T = step.pos.shape
             skip = T == 1 and not gather_decode                    # fn reads the pool itself
-            kv = None if skip else {name: t[gather] for name, t in pool.items()}   # (B, S, *shape)
+            kv = None if skip else {name: t[gather] if isinstance(gather, torch.Tensor) else t[None, gather]
+                                    for name, t in pool.items()}          # (B, S, *shape)
             o = fn(*(q[0, idx].view(B, T, *q.shape[2:]) for q in queries), kv, step)   # (B, T, H, Dv)
             if out is None:
                 out = o.new_empty(1, self.T, *o.shape[2:])
@@ -93,11 +97,20 @@ class PagedStep(Step):
         return self.attention(layer, dict(k=k, v=v), (q,), fn, gather_decode=False)
 
 
-def _gather(tables: list[list[int]], S: int, bs: int) -> torch.Tensor:
-    """(B, S) pool rows of positions 0..S-1 of each sequence; past a table's end, row 0 (masked)."""
+def _gather(tables: list[list[int]], S: int, bs: int) -> torch.Tensor | slice:
+    """(B, S) pool rows of positions 0..S-1 of each sequence; past a table's end, row 0 (masked).
+    One sequence whose blocks follow each other in the pool (a lone request on a fresh pool, the
+    common case at batch 1): a slice of rows, which reads the pool in place instead of copying it."""
+    used = -(-S // bs)
+    if len(tables) == 1 and len(tables[0]) >= used and tables[0][:used] == list(range(tables[0][0], tables[0][0] + used)):
+        return slice(tables[0][0] * bs, tables[0][0] * bs + S)
     pos = torch.arange(S)
     out = torch.zeros(len(tables), S, dtype=torch.long)
     for b, blocks in enumerate(tables):
         n = min(S, len(blocks) * bs)
         out[b, :n] = torch.tensor(blocks, dtype=torch.long)[pos[:n] // bs] * bs + pos[:n] % bs
     return out
+
+
+def _to(gather, device):
+    return gather.to(device) if isinstance(gather, torch.Tensor) else gather
