@@ -9,6 +9,7 @@ from typing import Iterator
 
 import torch
 
+from . import quant
 from .chat import ChatTemplate, ChatTemplateError, special_tokens
 from .config import Config
 from .engine import Engine, EngineSettings, SamplingParams
@@ -38,7 +39,8 @@ class LLM:
     def __repr__(self) -> str:
         run = self.model.run
         return (f"LLM(path={str(self.path)!r}, arch={self.config.arch!r}, dtype={str(self.dtype).removeprefix('torch.')}, "
-                f"device={str(self.device)!r}, backend={run.backend!r}, cpu_plan={run.cpu_plan!r})")
+                f"device={str(self.device)!r}, backend={run.backend!r}, cpu_plan={run.cpu_plan!r}"
+                + (f", quantize={run.quantize!r})" if run.quantize else ")"))
 
     @property
     def config(self) -> Config:
@@ -46,11 +48,11 @@ class LLM:
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed.weight.device
+        return self.model.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed.weight.dtype
+        return self.model.dtype
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -271,17 +273,19 @@ class ChatSession:
 
 
 def load(name_or_path: str | Path | None = None, device=None, dtype=None, backend: str = "auto",
-         progress: bool | None = None) -> LLM:
+         progress: bool | None = None, quantize: str | None = None) -> LLM:
     """A local folder, a hub id, a GGUF file (or a folder holding one) or None (the embedded default
     model) -> LLM.
 
     device None: CUDA when available, else CPU. dtype None: the checkpoint's own on GPU,
     float32 on CPU; or a torch.dtype / "float32" | "bfloat16" | "float16". backend "auto":
-    the Triton kernels on CUDA, torch elsewhere. What was decided is in `llm.model.run`."""
+    the Triton kernels on CUDA, torch elsewhere. quantize: "int8" | "int4" | "int4:g64" |
+    "int4:g128", weight-only, at load (minillm.quant). What was decided is in `llm.model.run`."""
     device, dtype = parse_device(device), parse_dtype(dtype)
+    quant.parse(quantize)                         # a bad name fails before anything is read
     from . import gguf
     if (file := gguf.find(name_or_path)) is not None:   # llama.cpp's format: minillm/gguf.py
-        model, tokenizer, hf = gguf.load_model(file, device, dtype, backend)
+        model, tokenizer, hf = gguf.load_model(file, device, dtype, backend, quantize)
         llm = LLM(model, tokenizer, file, hf, {})
         if tokenizer is not None and tokenizer.chat_template:   # the metadata's tokenizer.chat_template
             named = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}
@@ -294,7 +298,7 @@ def load(name_or_path: str | Path | None = None, device=None, dtype=None, backen
         tokenizer = Tokenizer.from_dir(path)
     except TokenizerError as e:
         raise LoadError(str(e)) from None
-    model, hf = load_model(path, device, dtype, backend, progress)
+    model, hf = load_model(path, device, dtype, backend, progress, quantize)
     gc_file = path / "generation_config.json"
     gc = json.loads(gc_file.read_text()) if gc_file.exists() else {}
     return LLM(model, tokenizer, path, hf, gc)

@@ -95,9 +95,13 @@ class RunSettings:
     cpu_plan: str = "blas"         # how CPU products run: a name in cpu.PLANS (layout + library)
     mla_absorb: str = "auto"       # MLA decode: "auto" absorbs W_UK/W_UV for one-token steps only;
                                    # "always" / "never" force one path (tests compare the two)
+    quantize: str | None = None    # weight-only: "int8" | "int4:g32" | "int4:g64" | "int4:g128" (quant.py)
 
     def __post_init__(self):
         from .cpu import PLANS
+        from .quant import parse
+        scheme = parse(self.quantize)                           # UsageError on an unknown one
+        object.__setattr__(self, "quantize", scheme.name if scheme else None)   # "int4" -> "int4:g32"
         for name, value, allowed in (("backend", self.backend, BACKENDS), ("cpu_plan", self.cpu_plan, PLANS),
                                      ("mla_absorb", self.mla_absorb, MLA_ABSORB)):
             if value not in allowed:

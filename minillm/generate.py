@@ -140,7 +140,7 @@ def run(model: Decoder, tokenizer: Tokenizer | None, prompts: list[list[int]], m
     `heals`: per prompt, a Heal whose `ids` are the prompt given, or None (see heal()).
     `cache` (one prompt only): a cache already holding the prompt's first `start` tokens, which
     are not computed again (a chat turn prefills only what it adds); it must fit the whole run."""
-    cfg, device = model.cfg, model.embed.weight.device
+    cfg, device = model.cfg, model.device
     if max_new_tokens < 0:
         raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     lens = [len(p) for p in prompts]

@@ -20,6 +20,7 @@ import torch
 from minillm import archs
 
 from .gguf_file import FLOATS, GGUFFile
+from . import quant
 from .loader import _fill, build, settings
 from .locate import LoadError, default_dtype
 from .tokenizer import Tokenizer, TokenizerError
@@ -69,7 +70,9 @@ def load_weights(model, adapter, f: GGUFFile):
     """Strict, as loader.load_weights: every tensor goes somewhere (or is ignored by the adapter),
     every parameter is filled exactly once, every shape is checked."""
     cfg = model.cfg
-    params = dict(model.named_parameters(remove_duplicate=True))
+    owned = quant.owned(model)   # quantized weights are filled by rows through their module
+    params = {n: p for n, p in model.named_parameters(remove_duplicate=True) if n not in owned}
+    params.update(quant.sinks(model))
     filled, seen = dict.fromkeys(params, 0), {}
     for name in f.tensors:
         dests = adapter.gguf_targets(name, cfg)
@@ -89,6 +92,7 @@ def load_weights(model, adapter, f: GGUFFile):
             want = expected(adapter, cfg, name, f.shapes)
             raise LoadError(f"missing tensor {want!r} in {f.path.name} (for {name})" if want else
                             f"parameter {name!r} is {filled[name]} of {p.numel()} values filled by {f.path.name}")
+    quant.finish(model)
 
 
 # llama.cpp's per-layer tensor names (gguf.TENSOR_NAMES), the ones the adapters read, plain before fused
@@ -110,13 +114,14 @@ def expected(adapter, cfg, param: str, present: dict) -> str | None:
     return None
 
 
-def load_model(path: Path, device: torch.device, dtype: torch.dtype | None, backend: str = "auto"):
+def load_model(path: Path, device: torch.device, dtype: torch.dtype | None, backend: str = "auto",
+               quantize: str | None = None):
     """-> (Decoder, Tokenizer or None, config.json-like dict). dtype None: locate.default_dtype."""
     from .gguf_tokenizer import from_metadata
     f = GGUFFile(path)
     cfg, hf, adapter = config(f)
     dtype = dtype or default_dtype(device, cfg.torch_dtype)
-    model = build(cfg, device, dtype, settings(device, dtype, backend))
+    model = build(cfg, device, dtype, settings(device, dtype, backend, quantize))
     load_weights(model, adapter, f)
     try:
         tokenizer = from_metadata(f.meta, f.path.name, Tokenizer) if "tokenizer.ggml.model" in f.meta else None

@@ -35,6 +35,9 @@ class Linear(nn.Linear):
     parameter either way (its storage may be transposed)."""
     onednn_rows = 0   # oneDNN for inputs of at least this many rows; 0: never
 
+    def dense(self) -> torch.Tensor:   # the (out, in) weight; quant.QLinear's dequantizes
+        return self.weight
+
     def forward(self, x):
         if self.onednn_rows and x.numel() >= self.onednn_rows * x.shape[-1] and x.is_cpu:
             return onednn_linear(x, self.weight, self.bias)

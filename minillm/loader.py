@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from minillm import archs
 
-from . import cpu
+from . import cpu, quant
 from .config import Config, RunSettings
 from .errors import UsageError
 from .locate import LoadError, default_dtype
@@ -41,11 +41,13 @@ def pick_backend(backend: str, device: torch.device) -> str:
     return "triton"
 
 
-def settings(device: torch.device, dtype: torch.dtype, backend: str = "auto") -> RunSettings:
-    """How the model will run, decided before it is built: the backend, and on CPU the matmul
-    plan measured fastest here for this dtype (cpu.plan)."""
-    plan = cpu.plan(dtype) if device.type == "cpu" else "blas"
-    return RunSettings(backend=pick_backend(backend, device), cpu_plan=plan)
+def settings(device: torch.device, dtype: torch.dtype, backend: str = "auto",
+             quantize: str | None = None) -> RunSettings:
+    """How the model will run, decided before it is built: the backend, on CPU the matmul plan
+    measured fastest here for this dtype (cpu.plan; moot for quantized weights), the quantization."""
+    scheme = quant.parse(quantize)
+    plan = cpu.plan(dtype) if device.type == "cpu" and not scheme else "blas"
+    return RunSettings(backend=pick_backend(backend, device), cpu_plan=plan, quantize=quantize)
 
 
 def read_config(path: Path) -> dict:
@@ -110,6 +112,9 @@ def build(cfg: Config, device, dtype, run: RunSettings = RunSettings()) -> Decod
             for p in getattr(m, "fp32_params", ()):
                 if hasattr(m, p):
                     setattr(m, p, torch.nn.Parameter(getattr(m, p).float()))
+            for p, dt in getattr(m, "kept_dtypes", {}).items():   # quantized weights' scales
+                if hasattr(m, p):
+                    setattr(m, p, torch.nn.Parameter(getattr(m, p).to(dt), requires_grad=False))
     allocate(model, device)
     model.reset_buffers()
     return model.eval().requires_grad_(False)
@@ -170,7 +175,9 @@ def load_weights(model: Decoder, adapter, files: list[Path], progress: bool | No
     cfg = model.cfg
     where = checkpoint_names(files)
     check_names(adapter, cfg, where, files)
-    params = dict(model.named_parameters(remove_duplicate=True))
+    owned = quant.owned(model)   # quantized weights are filled by rows through their module
+    params = {n: p for n, p in model.named_parameters(remove_duplicate=True) if n not in owned}
+    params.update(quant.sinks(model))
     filled = {name: 0 for name in params}           # values filled so far
     seen: dict[tuple, str] = {}                    # (param, index, rows) -> the tensor that filled it
     total = sum(f.stat().st_size for f in files)
@@ -207,6 +214,7 @@ def load_weights(model: Decoder, adapter, files: list[Path], progress: bool | No
         if filled[name] != p.numel():
             raise LoadError(f"parameter {name!r} is {filled[name]} of {p.numel()} values filled: "
                             f"the {cfg.arch} adapter's names and targets disagree")
+    quant.finish(model)   # int4 rows into the kernel's packed layout
 
 
 def _read(where: dict, name: str, f, file: Path) -> torch.Tensor | None:
@@ -242,6 +250,13 @@ def _fill(param: torch.Tensor, d: archs.Target, t: torch.Tensor, name: str, seen
     shape = tuple(t.shape)
     if d.transform is not None:
         t = d.transform(t)
+    if isinstance(param, quant.Packed):   # quantized as it is copied, by rows
+        want = param.shape[1:] if d.index is not None else param.shape
+        want = (min(d.rows[1], want[0]) - d.rows[0], *want[1:]) if d.rows else want
+        if tuple(t.shape) != tuple(want):
+            raise LoadError(f"tensor {name!r} has shape {shape}, expected {tuple(want)}")
+        param.fill(d.index, d.rows, t)
+        return t.numel()
     dest = param if d.index is None else param[d.index]
     dest = dest[d.rows[0]:d.rows[1]] if d.rows else dest
     if tuple(t.shape) != tuple(dest.shape):
@@ -254,8 +269,8 @@ def _fill(param: torch.Tensor, d: archs.Target, t: torch.Tensor, name: str, seen
 
 
 def load_model(path: Path, device: torch.device, dtype: torch.dtype | None, backend: str = "auto",
-               progress=None) -> tuple[Decoder, dict]:
-    """-> (Decoder, hf config dict). dtype None: locate.default_dtype."""
+               progress=None, quantize: str | None = None) -> tuple[Decoder, dict]:
+    """-> (Decoder, hf config dict). dtype None: locate.default_dtype. quantize: quant.parse."""
     hf = read_config(path)
     cfg, adapter = to_config(hf)
     files = weight_files(path)
@@ -264,6 +279,6 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype | None, back
     if quant and (quant.get("quant_method") != "fp8" or len(quant.get("weight_block_size") or ()) != 2):
         raise LoadError(f"config.json: unsupported quantization {quant.get('quant_method')!r} "
                         "(supported: fp8 with a 2-D weight_block_size, as DeepSeek-V3)")
-    model = build(cfg, device, dtype, settings(device, dtype, backend))
+    model = build(cfg, device, dtype, settings(device, dtype, backend, quantize))
     load_weights(model, adapter, files, progress, tuple(quant["weight_block_size"]) if quant else None)
     return model, hf

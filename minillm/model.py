@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from . import cpu
+from . import cpu, quant
 from .attention import Step
 from .cache import KVCache
 from .config import Config, RunSettings
@@ -92,10 +92,20 @@ class Decoder(nn.Module):
         self.head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
+        if run.quantize:   # projections stored quantized (quant.py); the loader fills them by rows
+            quant.quantize_modules(self, quant.parse(run.quantize))
         self.set_cpu_plan(run.cpu_plan)
 
     def extra_repr(self) -> str:
         return f"arch={self.cfg.arch!r}, run={self.run}"
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:   # the activations' (a quantized model's weights are int8/int4)
+        return self.norm.weight.dtype
 
     def set_cpu_plan(self, plan: str, onednn_min_bytes: int = 2**20):
         """How the Linear layers multiply on CPU (cpu.PLANS; cpu.plan measures which is fastest).
@@ -112,7 +122,7 @@ class Decoder(nn.Module):
                 continue
             w = m.weight
             m.onednn_rows = onednn_rows if w.numel() * w.element_size() >= onednn_min_bytes else 0
-            if w is self.embed.weight or (layout == "in_out") == (w.stride(0) == 1 and w.shape[0] > 1):
+            if w is getattr(self.embed, "weight", None) or (layout == "in_out") == (w.stride(0) == 1 and w.shape[0] > 1):
                 continue
             w = w.t().contiguous().t() if layout == "in_out" else w.contiguous()
             m.weight = nn.Parameter(w, requires_grad=m.weight.requires_grad)
@@ -120,15 +130,14 @@ class Decoder(nn.Module):
     def reset_buffers(self):
         """After allocating on the meta device: recompute what is derived, not loaded."""
         if self.cfg.pos == "rope":
-            self.rotary.reset(self.embed.weight.device)
-        if self.cfg.tie_embeddings:   # to_empty() gives each module its own tensor: tie again
+            self.rotary.reset(self.device)
+        if self.cfg.tie_embeddings and not self.run.quantize:   # to_empty() gives each module its own tensor: tie again
             self.head.weight = self.embed.weight
 
     def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
         attn = type(self.layers[0].attn)
-        ref = self.embed.weight
         return KVCache(attn.cache_shapes(self.cfg), self.cfg.num_layers, batch, max_len,
-                       dtype or ref.dtype, device or ref.device)
+                       dtype or self.dtype, device or self.device)
 
     def forward(self, ids: torch.Tensor, start=0, cache: KVCache | None = None,
                 last: torch.Tensor | None = None, step: Step | None = None) -> torch.Tensor:

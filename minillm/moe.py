@@ -25,6 +25,11 @@ from .config import Config
 from .layers import ACTS, MLP
 
 
+def expert(w, x: torch.Tensor, e: int) -> torch.Tensor:
+    """x @ w[e].T for a stacked (E, N, K) parameter, or its quantized form (quant.QExperts)."""
+    return F.linear(x, w[e]) if isinstance(w, torch.Tensor) else w(x, e)
+
+
 class MoE(nn.Module):
     fp32_params = ("e_score_correction_bias",)   # kept fp32 whatever the model dtype, as transformers
 
@@ -72,8 +77,8 @@ class MoE(nn.Module):
         start = 0
         for e, n in enumerate(counts):                        # one matmul per active expert
             if n:
-                gate, up = F.linear(xs[start:start + n], self.experts_gate_up[e]).split(inter, dim=-1)
-                ys[start:start + n] = F.linear(self.act(gate) * up, self.experts_down[e])
+                gate, up = expert(self.experts_gate_up, xs[start:start + n], e).split(inter, dim=-1)
+                ys[start:start + n] = expert(self.experts_down, self.act(gate) * up, e)
                 start += n
         # weights applied in fp32, summed in the model dtype (transformers' order of roundings)
         ys = (ys * w.flatten()[order, None]).to(x.dtype)

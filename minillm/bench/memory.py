@@ -65,7 +65,7 @@ def read_bandwidth(device, mbytes: int = 256, reps: int = 5) -> dict:
 def bytes_per_token(model, context: int) -> dict:
     """What one decode step at batch 1 must read: every weight it uses (the embedding table only by
     one row unless it is also the head; routed experts only top-k of them) and the KV cache."""
-    cfg, embed = model.cfg, model.embed.weight
+    cfg, embed = model.cfg, getattr(model.embed, "weight", None)
     weights = 0
     for name, p in model.named_parameters():                   # tied head: counted once, as head
         size = p.numel() * p.element_size()
