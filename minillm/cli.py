@@ -44,6 +44,9 @@ def model_options(fn):
         click.option("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, "
                                                    "the checkpoint's on GPU)."),
         click.option("--backend", default="auto", type=click.Choice(["auto", "torch", "triton"])),
+        click.option("--quantize", default=None, metavar="SCHEME",
+                     help="Weight-only quantization at load: int8 (per output channel) | int4 (group 32) | "
+                          "int4:g64 | int4:g128."),
     ]):
         fn = opt(fn)
     return fn
@@ -87,13 +90,13 @@ def main():
               help="Back up the prompt's last token and make the first new token extend it (default: "
                    "when the prompt ends in a space or tab, i.e. mid-token).")
 @friendly
-def generate(model, device, dtype, backend, prompt, max_new_tokens, stop, chat, system, chat_template,
+def generate(model, device, dtype, backend, quantize, prompt, max_new_tokens, stop, chat, system, chat_template,
              token_healing, **sampling):
     """Stream the completion of PROMPT to stdout."""
     if (system or chat_template) and not chat:
         raise UsageError("--system and --chat-template need --chat")
     from .api import load
-    llm = load(model, device=device, dtype=dtype, backend=backend)
+    llm = load(model, device=device, dtype=dtype, backend=backend, quantize=quantize)
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         pieces = llm.stream_chat(messages, max_new_tokens, **sampling, stop=list(stop) or None,
@@ -117,11 +120,11 @@ CHAT_HELP = "/reset starts over, /exit (or Ctrl-D) leaves, /help shows this; Ctr
 @click.option("-n", "--max-new-tokens", default=512, show_default=True, type=int, help="Per reply.")
 @sampling_options
 @friendly
-def chat(model, device, dtype, backend, system, chat_template, max_new_tokens, **sampling):
+def chat(model, device, dtype, backend, quantize, system, chat_template, max_new_tokens, **sampling):
     """Talk with an instruct model through its chat template. From a terminal: interactive, replies
     stream. Piped: one user message per line, each reply followed by a blank line."""
     from .api import ChatSession, load
-    llm = load(model, device=device, dtype=dtype, backend=backend)
+    llm = load(model, device=device, dtype=dtype, backend=backend, quantize=quantize)
     session = ChatSession(llm, system, chat_template)
     tty = sys.stdin.isatty()
     if tty:
@@ -176,7 +179,7 @@ def chat(model, device, dtype, backend, system, chat_template, max_new_tokens, *
               help="fp32: pass when max|diff| <= tol x max(1, max|reference logit|).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @friendly
-def verify(model, device, dtype, backend, prompt_texts, prompts_file, new_tokens, reference, save, tol, as_json):
+def verify(model, device, dtype, backend, quantize, prompt_texts, prompts_file, new_tokens, reference, save, tol, as_json):
     """Check minillm's logits against a reference. Exit 0: PASS, 3: FAIL; 1: it could not run,
     2: a bad argument."""
     import json
@@ -196,7 +199,7 @@ def verify(model, device, dtype, backend, prompt_texts, prompts_file, new_tokens
         prompts = (prompts or []) + extra
     try:
         rep = run_verify(model, prompts=prompts, new_tokens=new_tokens, dtype=dtype, device=device,
-                         backend=backend, reference=reference, tol=tol, save=save)
+                         backend=backend, reference=reference, tol=tol, save=save, quantize=quantize)
     except EXPECTED:
         raise
     except Exception:   # a crash must not read as a verdict: show it, exit 1
@@ -213,14 +216,14 @@ def verify(model, device, dtype, backend, prompt_texts, prompts_file, new_tokens
                                              "weights + KV cache fit (activations not counted).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @friendly
-def info(model, device, dtype, backend, memory, as_json):
+def info(model, device, dtype, backend, quantize, memory, as_json):
     """Architecture, parameters, weight bytes and KV cache bytes per token, from config.json and
     safetensors headers (a hub id's weights are not downloaded)."""
     import json
 
     from .info import format_info
     from .info import info as run_info
-    d = run_info(model, dtype=dtype, memory=memory, device=device, backend=backend)
+    d = run_info(model, dtype=dtype, memory=memory, device=device, backend=backend, quantize=quantize)
     click.echo(json.dumps(d) if as_json else format_info(d))
 
 
@@ -301,7 +304,7 @@ def _ints(ctx, param, value: str) -> list[int]:
               help="Also time `minillm generate` (and a minimal transformers script) from process start.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @friendly
-def bench(model, device, dtype, backend, shape, prompt_len, new_tokens, batch, compare, repeat, threads,
+def bench(model, device, dtype, backend, quantize, shape, prompt_len, new_tokens, batch, compare, repeat, threads,
           cold_start, as_json):
     """Load time, prefill, time to first token, decode and batched decode speed, memory and the
     memory-bandwidth roof; with --compare, side by side with transformers."""
@@ -317,7 +320,7 @@ def bench(model, device, dtype, backend, shape, prompt_len, new_tokens, batch, c
     path = random_checkpoint(shape, log) if shape else (find(model) or resolve(model))
     out = run_bench(path, device=device, dtype=dtype, backend=backend, prompt_lens=prompt_len,
                     new_tokens=new_tokens, batches=batch, compare=compare, repeat=repeat, threads=threads,
-                    cold_start=cold_start, log=log)
+                    cold_start=cold_start, log=log, quantize=quantize)
     click.echo(json.dumps(out) if as_json else report(out))
 
 

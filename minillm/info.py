@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -99,6 +99,11 @@ def weight_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
     return sum(p.numel() * (4 if name in keep else size) for name, p in model.named_parameters())
 
 
+def quant_bytes(model) -> int:
+    """Bytes as loaded: int8 / packed int4 weights, their bf16 scales, what stays in float."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def kv_bytes_per_token(model) -> int:
     """Measured: the runtime's own cache for batch 1 and MEASURE_LEN tokens, divided."""
     nbytes = model.new_cache(1, MEASURE_LEN).nbytes
@@ -106,13 +111,16 @@ def kv_bytes_per_token(model) -> int:
     return nbytes // MEASURE_LEN
 
 
-def info(model_or_path=None, dtype=None, memory=None, device=None, backend: str = "auto") -> dict:
+def info(model_or_path=None, dtype=None, memory=None, device=None, backend: str = "auto",
+         quantize: str | None = None) -> dict:
     """A folder, hub id or None (the default model) -> a dict of what it is and costs (see
     format_info). dtype None: as `minillm.load` picks (float32 on CPU, the checkpoint's on GPU).
     memory ('24GiB' or bytes): also the longest context and batch x context whose weights + KV
     cache fit (activations not counted). device / backend: what `load` would run on, which also
-    decides the default dtype."""
-    from . import gguf
+    decides the default dtype. quantize: as `load` would quantize (weight bytes as loaded, per
+    tensor type, and how many layers the int4 kernel could not take)."""
+    from . import gguf, quant
+    quant.parse(quantize)
     if (file := gguf.find(model_or_path)) is not None:   # llama.cpp's format: header only, no weights read
         f = gguf.GGUFFile(file)
         (cfg, hf, adapter), path, source = gguf.config(f), file, "GGUF file"
@@ -124,8 +132,9 @@ def info(model_or_path=None, dtype=None, memory=None, device=None, backend: str 
         checkpoint = None if headers is None else checkpoint_summary(headers)
     device = parse_device(device, available=False)   # costs for a GPU can be read on a CPU
     dtype = parse_dtype(dtype) or default_dtype(device, cfg.torch_dtype)
-    run = settings(device, dtype, backend)                    # as load would decide them
-    model = build(cfg, torch.device("meta"), dtype, run)       # shapes only, no storage
+    run = settings(device, dtype, backend, quantize)          # as load would decide them
+    qmodel = build(cfg, torch.device("meta"), dtype, run)      # shapes only, no storage
+    model = qmodel if not quantize else build(cfg, torch.device("meta"), dtype, replace(run, quantize=None))
     total, active = count_params(model, cfg)
     kv = kv_bytes_per_token(model)
     H, mla = cfg.num_heads, cfg.attention == "mla"
@@ -142,7 +151,8 @@ def info(model_or_path=None, dtype=None, memory=None, device=None, backend: str 
         "architectures": hf.get("architectures") or [], "dtype": str(dtype).removeprefix("torch."),
         "device": str(device), "backend": run.backend, "run": asdict(run),
         "params": total, "active_params": active, "tied_embeddings": cfg.tie_embeddings,
-        "weight_bytes": weight_bytes(model, dtype),
+        "weight_bytes": weight_bytes(model, dtype) if not quantize else quant_bytes(qmodel),
+        "quantization": None if not quantize else {"scheme": run.quantize, **quant.summary(qmodel)},
         "weight_bytes_by_dtype": {n: weight_bytes(model, DTYPES[n])
                                   for n in ("float32", "bfloat16", "float16")},
         "checkpoint": checkpoint,
@@ -220,7 +230,14 @@ def format_info(d: dict) -> str:
                    f"{m['shared_experts']} shared, {m['moe_layers']} MoE layers")
     lines.append(f"params     {params}")
     by = ", ".join(f"{k} {human(v)}" for k, v in d["weight_bytes_by_dtype"].items())
-    lines.append(f"weights    {human(d['weight_bytes'])} at {d['dtype']} ({by})")
+    if d.get("quantization"):
+        q = d["quantization"]
+        types = ", ".join(f"{k} {human(v)}" for k, v in q["bytes_by_type"].items())
+        lines.append(f"weights    {human(d['weight_bytes'])} as loaded, {q['scheme']} ({types}); "
+                     f"{q['kernel_layers']} layers on the weight-only kernels, {q['dequantized_layers']} "
+                     f"dequantized (a shape the int4 kernel cannot take); unquantized: {by}")
+    else:
+        lines.append(f"weights    {human(d['weight_bytes'])} at {d['dtype']} ({by})")
     if d["checkpoint"]:
         c = d["checkpoint"]
         dts = ", ".join(f"{k} {human(v)}" for k, v in c["bytes_by_dtype"].items())

@@ -103,7 +103,7 @@ def _finite(x):
 
 def verify(model_or_path=None, prompts=None, new_tokens: int = 16, dtype=None, device=None,
            backend: str = "auto", reference: str | os.PathLike = "transformers", tol: float = 1e-4,
-           save: str | os.PathLike | None = None) -> VerifyReport:
+           save: str | os.PathLike | None = None, quantize: str | None = None) -> VerifyReport:
     """Check a model (a folder, hub id, None for the default model, or a loaded LLM, used as is)
     against `reference`: "transformers" or a safetensors file of `input_ids.K` / `logits.K` pairs.
     `save`: write the reference's logits in that format. Raises VerifyError when it cannot run."""
@@ -111,7 +111,8 @@ def verify(model_or_path=None, prompts=None, new_tokens: int = 16, dtype=None, d
         raise UsageError(f"new_tokens must be >= 0, got {new_tokens}")
     if not tol > 0:
         raise UsageError(f"tol must be > 0, got {tol}")
-    llm = model_or_path if isinstance(model_or_path, LLM) else load(model_or_path, device, dtype, backend)
+    llm = (model_or_path if isinstance(model_or_path, LLM)
+           else load(model_or_path, device, dtype, backend, quantize=quantize))
     if str(reference) == "transformers":
         refs = transformers_reference(llm, _prompt_ids(llm, prompts, new_tokens), new_tokens)
         source = "transformers" + (" (its GGUF reader, same file)" if llm.path.suffix == ".gguf" else "")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .. import quant
 from ..cpu import cache_root, cpu_name
 from ..hf import require as hf_require
 from ..random_checkpoint import build_tokenizer, save_random_model
@@ -100,11 +101,13 @@ def median(xs):
 
 
 def bench(path, device=None, dtype=None, backend="auto", prompt_lens=(128, 512), new_tokens=64,
-          batches=(1, 8), compare=None, repeat=3, threads=None, cold_start=True, log=None) -> dict:
+          batches=(1, 8), compare=None, repeat=3, threads=None, cold_start=True, log=None,
+          quantize=None) -> dict:
     """All measurements; `compare` = "transformers" adds it, run interleaved with ours."""
     from ..loader import read_config
     log = log or (lambda msg: None)
     device = parse_device(device)
+    quantize = quant.parse(quantize) and quant.parse(quantize).name   # a bad name: before any work
     if Path(path).suffix == ".gguf":                             # the dtype load would pick
         from ..gguf import GGUFFile, config
         saved = config(GGUFFile(path))[0].torch_dtype
@@ -126,7 +129,7 @@ def bench(path, device=None, dtype=None, backend="auto", prompt_lens=(128, 512),
         hf_require("--compare transformers")
 
     log(f"loading {path} ({dtype}, {device}, {threads} threads)")
-    systems = {n: SYSTEMS[n](path, device, dtype, backend) for n in names}
+    systems = {n: SYSTEMS[n](path, device, dtype, backend, quantize) for n in names}
     model = systems["ours"].model
     cfg = model.cfg
     lens = [P for P in sorted(set(prompt_lens)) if P + new_tokens <= cfg.max_position]
@@ -171,13 +174,13 @@ def bench(path, device=None, dtype=None, backend="auto", prompt_lens=(128, 512),
                     add(n, f"ttft_p{P}_s", ttft)
                 add(n, f"decode_p{P}_b{B}_tok_s", decode)
         for n in order:
-            m = measure_load(n, path, device, dtype, backend, threads)
+            m = measure_load(n, path, device, dtype, backend, threads, quantize)
             add(n, "load_s", m["load_s"])
             add(n, "load_rss_anon_growth_bytes", m["rss_anon_growth"])
             if "cuda_allocated" in m:
                 add(n, "load_cuda_allocated_bytes", m["cuda_allocated"])
             if cold_start and (path.suffix == ".gguf" or (path / "tokenizer.json").exists()):
-                add(n, "cold_start_s", measure_cold_start(n, path, device, dtype, backend, threads))
+                add(n, "cold_start_s", measure_cold_start(n, path, device, dtype, backend, threads, quantize))
         load_avg.append(os.getloadavg()[0])
 
     results = {n: {k: median(v) for k, v in samples[n].items()} for n in names}
@@ -195,7 +198,7 @@ def bench(path, device=None, dtype=None, backend="auto", prompt_lens=(128, 512),
 
     out = {
         "model": str(path), "arch": cfg.arch, "dtype": str(dtype).removeprefix("torch."),
-        "device": str(device), "backend": model.run.backend, "threads": threads,
+        "device": str(device), "backend": model.run.backend, "quantize": quantize, "threads": threads,
         "cpu_plan": model.run.cpu_plan if device.type == "cpu" else None,
         "prompt_lens": lens, "skipped_prompt_lens": skipped, "batches": sorted({B for _, B in rows}), "new_tokens": new_tokens,
         "repeat": repeat, "weights_bytes": wbytes,

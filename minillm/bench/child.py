@@ -16,7 +16,7 @@ from .memory import PeakRssAnon
 from .systems import SYSTEMS, sync
 
 
-def _load_child(system: str, path: str, device: str, dtype: str, backend: str):
+def _load_child(system: str, path: str, device: str, dtype: str, backend: str, quantize: str = ""):
     """Run in a subprocess: warm the page cache, then time one load and its RssAnon peak."""
     from ..loader import weight_files
     from ..locate import parse_dtype
@@ -33,7 +33,7 @@ def _load_child(system: str, path: str, device: str, dtype: str, backend: str):
         torch.cuda.init()
     with PeakRssAnon() as mem:
         t0 = time.perf_counter()
-        s = cls(path, device, parse_dtype(dtype), backend)
+        s = cls(path, device, parse_dtype(dtype), backend, quantize or None)
         sync(device)
         load_s = time.perf_counter() - t0
     out = {"load_s": load_s, "rss_anon_growth": mem.growth}
@@ -53,9 +53,9 @@ def _subprocess(args: list[str], threads: int, timeout=600) -> subprocess.Comple
     return r
 
 
-def measure_load(system, path, device, dtype, backend, threads) -> dict:
+def measure_load(system, path, device, dtype, backend, threads, quantize=None) -> dict:
     r = _subprocess([sys.executable, "-m", "minillm.bench.child", "load", system, str(path), str(device),
-                     str(dtype).removeprefix("torch."), backend], threads)
+                     str(dtype).removeprefix("torch."), backend, quantize or ""], threads)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -72,13 +72,14 @@ print(tok.decode(out[0]))
 PROMPT = "def fibonacci(n):"
 
 
-def measure_cold_start(system, path, device, dtype, backend, threads) -> float:
+def measure_cold_start(system, path, device, dtype, backend, threads, quantize=None) -> float:
     """Seconds from spawning a process to its exit, having printed one new token: `minillm
     generate`, or the few lines of transformers a user would write (HF_SCRIPT)."""
     dt = str(dtype).removeprefix("torch.")
     if system == "ours":
         args = [sys.executable, "-m", "minillm.cli", "generate", "-m", str(path), PROMPT, "-n", "1",
-                "--temperature", "0", "--device", str(device), "--dtype", dt, "--backend", backend]
+                "--temperature", "0", "--device", str(device), "--dtype", dt, "--backend", backend,
+                *(["--quantize", quantize] if quantize else [])]
     else:
         args = [sys.executable, "-c", HF_SCRIPT, str(path), str(device), dt, PROMPT]
     t0 = time.perf_counter()
@@ -88,6 +89,6 @@ def measure_cold_start(system, path, device, dtype, backend, threads) -> float:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["load"]:
-        _load_child(*sys.argv[2:7])
+        _load_child(*sys.argv[2:8])
     else:
         sys.exit("usage: python -m minillm.bench.child load SYSTEM PATH DEVICE DTYPE BACKEND")

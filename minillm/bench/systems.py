@@ -14,9 +14,9 @@ from .. import hf
 class Ours:
     name = "ours"
 
-    def __init__(self, path, device, dtype, backend):
+    def __init__(self, path, device, dtype, backend, quantize=None):
         from ..api import load
-        self.llm = load(path, device=device, dtype=dtype, backend=backend)
+        self.llm = load(path, device=device, dtype=dtype, backend=backend, quantize=quantize)
         self.model, self.device = self.llm.model, self.llm.device
 
     @torch.inference_mode()
@@ -36,7 +36,7 @@ class Ours:
 class Transformers:
     name = "transformers"
 
-    def __init__(self, path, device, dtype, backend):
+    def __init__(self, path, device, dtype, backend, quantize=None):   # transformers runs unquantized
         self.model = hf.load_reference(path, dtype, device, what="--compare transformers")
         self.device = torch.device(device)
         self.pad = self.model.generation_config.eos_token_id
