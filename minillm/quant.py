@@ -13,8 +13,8 @@ checkpoint tensor into its rows as it arrives: a fused qkv or gate_up needs no s
 the full-precision weights are never in memory at once. The products run on PyTorch's weight-only
 kernels: `_weight_int8pack_mm` (any shape) and `_weight_int4pack_mm_for_cpu`, which needs N % 16 == 0
 and K % G == 0 (G in 32, 64, 128, 256) and its own packed layout (`_convert_weight_to_int4pack_for_cpu`,
-local to blocks of 64 rows). A layer the int4 kernel cannot take keeps a dequantized weight (the
-same rounding, in the model dtype) and is counted by `minillm info`. On CUDA: `_weight_int4pack_mm`
+local to blocks of 64 rows). A layer a kernel cannot take (kernel_takes) keeps a dequantized weight
+(the same rounding, in the model dtype) and is counted by `minillm info`. On CUDA: `_weight_int4pack_mm`
 (bf16 activations, tensor-core tiles) and int8 as a cast + matmul + per-channel scale, as gpt-fast.
 
 Which tensors: every projection (attention, MLP, MLA, shared and routed experts). The head is int8
@@ -74,20 +74,25 @@ def dequantize_int8(q, s, dtype=torch.float32):
 
 
 def quantize_int4(w: torch.Tensor, group: int, scale_dtype=torch.float32):
-    """(N, K) float -> q (N, K) uint8 in 0..15, s and z (N, K // group) scale_dtype."""
+    """(N, K) float -> q (N, K) uint8 in 0..15, s and z (N, ceil(K / group)) scale_dtype. A last,
+    partial group (K % group, only for dequantized layers) is padded with its last value."""
     N, K = w.shape
-    g = w.float().view(N, K // group, group)
+    w = w.float()
+    if K % group:
+        w = torch.cat((w, w[:, -1:].expand(N, group - K % group)), 1)
+    g = w.view(N, -1, group)
     lo, hi = g.amin(-1), g.amax(-1)
     s = ((hi - lo) / 15).clamp(min=1e-10).to(scale_dtype)
     z = (lo + 8 * s.float()).to(scale_dtype)
     q = ((g - z.float()[..., None]) / s.float()[..., None] + 8).round().clamp(0, 15)
-    return q.view(N, K).to(torch.uint8), s, z
+    return q.view(N, -1)[:, :K].to(torch.uint8), s, z
 
 
 def dequantize_int4(q, s, z, group: int, dtype=torch.float32):
     N, K = q.shape
-    w = (q.float().view(N, K // group, group) - 8) * s.float()[..., None] + z.float()[..., None]
-    return w.view(N, K).to(dtype)
+    q = F.pad(q.float(), (0, -K % group)).view(N, -1, group)
+    w = (q - 8) * s.float()[..., None] + z.float()[..., None]
+    return w.view(N, -1)[:, :K].to(dtype)
 
 
 def nibbles(q: torch.Tensor) -> torch.Tensor:
@@ -99,10 +104,13 @@ def unnibble(p: torch.Tensor) -> torch.Tensor:
     return torch.stack((p & 15, p >> 4), -1).flatten(-2)       # (N, K/2) -> (N, K)
 
 
-def int4_kernel_takes(N: int, K: int, group: int, device_type: str = "cpu") -> bool:
-    if device_type == "cuda":       # tinygemm: inner K tiles of 8 x 16 values (innerKTiles 8 below)
-        return N % 8 == 0 and K % 1024 == 0 or (N % 8 == 0 and K % 256 == 0 and K % group == 0)
-    return N % 16 == 0 and K % group == 0 and K % 2 == 0
+def kernel_takes(scheme: Scheme, N: int, K: int) -> bool:
+    """Whether the weight-only kernels take an (N, K) weight. int4 (CPU): N % 16 and K % G, checked
+    by the op; CUDA's tinygemm needs N % 8 and K % 32, implied. int8 (CPU) checks nothing but returns
+    garbage or crashes for K % 16 != 0 or odd N (measured on torch 2.13), so those are refused here."""
+    if scheme.bits == 8:
+        return N % 4 == 0 and K % 16 == 0
+    return N % 16 == 0 and K % scheme.group == 0
 
 
 # -- the modules: what the loader fills and the decoder runs -------------------------------------
@@ -119,22 +127,22 @@ class Packed(nn.Module):
 
     int8:         qweight (*lead, N, K) int8, scales (*lead, N) bf16
     int4 kernel:  qweight (*lead, N, K/2) uint8, scales_zeros (*lead, K/G, N, 2) bf16
-    int4 other:   weight (*lead, N, K) in the model dtype, dequantized (the kernel cannot take N, K)
+    other shapes: weight (*lead, N, K) in the model dtype, dequantized (kernel_takes says no)
     """
     kept_dtypes = {"scales": KERNEL_DTYPE, "scales_zeros": KERNEL_DTYPE}   # loader.build keeps these
 
     def __init__(self, lead: tuple[int, ...], N: int, K: int, scheme: Scheme):
         super().__init__()
         self.shape, self.scheme, self.N, self.K = (*lead, N, K), scheme, N, K
-        self.kernel = scheme.bits == 8 or int4_kernel_takes(N, K, scheme.group)
+        self.kernel = kernel_takes(scheme, N, K)
         empty = lambda *s, dtype=KERNEL_DTYPE: nn.Parameter(torch.empty(*s, dtype=dtype), requires_grad=False)
-        if scheme.bits == 8:
+        if not self.kernel:
+            self.weight = nn.Parameter(torch.empty(*lead, N, K), requires_grad=False)
+        elif scheme.bits == 8:
             self.qweight, self.scales = empty(*lead, N, K, dtype=torch.int8), empty(*lead, N)
-        elif self.kernel:
+        else:
             self.qweight = empty(*lead, N, K // 2, dtype=torch.uint8)
             self.scales_zeros = empty(*lead, K // scheme.group, N, 2)
-        else:
-            self.weight = nn.Parameter(torch.empty(*lead, N, K), requires_grad=False)
         self.packed = False
 
     def numel(self) -> int:                       # the loader counts values filled against this
@@ -152,6 +160,9 @@ class Packed(nn.Module):
         g = self.scheme.group
         if self.scheme.bits == 8:
             q, s = quantize_int8(t, KERNEL_DTYPE)
+            if not self.kernel:
+                pick(self.weight)[r0:r1] = dequantize_int8(q, s, self.weight.dtype)
+                return
             pick(self.qweight)[r0:r1] = q
             pick(self.scales)[r0:r1] = s
             return

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import hf
+from . import hf, quant
 from .api import LLM, load
 from .errors import UsageError
 from .locate import LoadError
@@ -43,6 +43,22 @@ NEAR_TIE = 1e-3   # a greedy divergence where the reference's top-2 logits are c
 HALF_THRESHOLDS = {
     torch.bfloat16: {"kl": 1e-2, "top1_agreement": 0.90},
     torch.float16: {"kl": 5e-4, "top1_agreement": 0.97},
+}
+
+# quantized (weight-only) verdict, calibrated the same way (7 tiny checkpoints, default prompts, 16
+# new tokens; activations enter the kernels in bf16, so int8's figures include bf16's rounding):
+#   correct int8:     KL 2.0e-3 .. 1.4e-2, top-1 0.894 .. 0.960
+#   correct int4 g32: KL 0.25 .. 0.78, top-1 0.36 .. 0.57; g64: KL 0.33 .. 0.99, top-1 0.31 .. 0.53
+#   wrong int8:       every scale x1.1: KL 0.094 .. 0.16, top-1 0.71 .. 0.81 on gpt2 / llama (0.027,
+#                     top-1 0.88 .. 0.91 on qwen3, whose QK-norm undoes q's and k's scale)
+#   wrong int4:       groups taken along N instead of K: KL 3.6 .. 4.8, top-1 < 0.03; every scale
+#                     x1.1: KL 0.37 .. 1.04, inside int4's own spread on weights this noisy
+# int8 sits ~3x above the worst correct run and catches a 10% scale error; int4's random-weight error
+# is as large as a 10% scale error, so its threshold (2x above the worst correct run) catches layout
+# bugs only. On a trained model both are far tighter (README "Quantization": SmolLM2-135M).
+QUANT_THRESHOLDS = {
+    8: {"kl": 4e-2, "top1_agreement": 0.85},
+    4: {"kl": 2.0, "top1_agreement": 0.20},
 }
 
 DEFAULT_PROMPTS = [
@@ -278,9 +294,9 @@ def _report(llm: LLM, rows: list[dict], source: str, tol: float) -> VerifyReport
     top1 = sum(r.pop("top1_matches") for r in rows) / positions
     greedy = [r["greedy_match"] for r in rows if r["greedy_match"] is not None]
     greedy_agreement = sum(greedy) / len(greedy) if greedy else None
-    dtype = llm.dtype
-    if dtype in HALF_THRESHOLDS:
-        th = dict(HALF_THRESHOLDS[dtype])
+    dtype, scheme = llm.dtype, quant.parse(llm.model.run.quantize)
+    if scheme or dtype in HALF_THRESHOLDS:
+        th = dict(QUANT_THRESHOLDS[scheme.bits] if scheme else HALF_THRESHOLDS[dtype])
         passed = kl <= th["kl"] and top1 >= th["top1_agreement"]
     else:
         th = {"max_abs_diff": tol * max(1.0, max_ref), "tol": tol}
@@ -288,7 +304,8 @@ def _report(llm: LLM, rows: list[dict], source: str, tol: float) -> VerifyReport
     for r in rows:
         r.pop("max_abs_ref")
     return VerifyReport(bool(passed), max_diff, kl, top1, greedy_agreement, max_ref, th,
-                        str(dtype).removeprefix("torch."), source, str(llm.path), rows)
+                        str(dtype).removeprefix("torch.") + (f" {scheme.name}" if scheme else ""),
+                        source, str(llm.path), rows)
 
 
 def format_report(rep: VerifyReport) -> str:
