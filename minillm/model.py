@@ -93,7 +93,7 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         if run.quantize:   # projections stored quantized (quant.py); the loader fills them by rows
-            quant.quantize_modules(self, quant.parse(run.quantize))
+            quant.quantize_modules(self, quant.parse(run.quantize), Linear)
         self.set_cpu_plan(run.cpu_plan)
 
     def extra_repr(self) -> str:

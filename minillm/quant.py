@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError
-from .layers import Linear
 
 GROUPS = (32, 64, 128)      # int4 group sizes offered (the CPU kernel also takes 256)
 INT4_PACK_ROWS = 64         # _convert_weight_to_int4pack_for_cpu packs blocks of 64 rows independently
@@ -264,9 +263,10 @@ class QEmbedding(nn.Module):
 HEAD = Scheme(8)   # the head is int8 whatever the scheme (README "Quantization": measured)
 
 
-def quantize_modules(model: nn.Module, scheme: Scheme):
+def quantize_modules(model: nn.Module, scheme: Scheme, Linear: type):
     """Replace a Decoder's projections by quantized ones (on the meta device, before allocation):
-    every layers.Linear, the MoE experts' stacked weights, a tied embedding (see QEmbedding)."""
+    every `Linear` (layers.Linear, passed in: layers -> config -> quant would be an import circle),
+    the MoE experts' stacked weights, a tied embedding (see QEmbedding)."""
     for name, m in list(model.named_modules()):
         for child_name, child in list(m.named_children()):
             if isinstance(child, Linear):
