@@ -250,7 +250,7 @@ SERVE_HINT = ('minillm serve needs fastapi and uvicorn: pip install fastapi uvic
 @click.option("--chat-template", default=None, metavar="FILE", help="A Jinja chat template file: replaces the "
                                                                    "model's for /v1/chat/completions.")
 @friendly
-def serve(model, device, dtype, backend, host, port, api_key, served_model_name, max_running, max_pending,
+def serve(model, device, dtype, backend, quantize, host, port, api_key, served_model_name, max_running, max_pending,
           kv_memory, kv_blocks, block_size, chat_template):
     """An OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions, /v1/models,
     /health, /metrics."""
@@ -269,7 +269,7 @@ def serve(model, device, dtype, backend, host, port, api_key, served_model_name,
     if kv_memory is not None:
         settings["kv_memory"] = parse_size(kv_memory)
     settings = EngineSettings(**settings)
-    llm = load(model, device=device, dtype=dtype, backend=backend)
+    llm = load(model, device=device, dtype=dtype, backend=backend, quantize=quantize)
     if chat_template is not None:
         llm._template(chat_template).check(chat_template)    # a template that does not parse: fail now
     server = Server(llm, served_model_name or model or llm.path.name, settings, api_key, max_pending, chat_template)

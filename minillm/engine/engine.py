@@ -51,7 +51,7 @@ class Engine:
     def __init__(self, model: Decoder, tokenizer=None, eos: set[int] = frozenset(),
                  settings: EngineSettings = EngineSettings()):
         self.model, self.tokenizer, self.eos, self.settings = model, tokenizer, set(eos), settings
-        cfg, ref = model.cfg, model.embed.weight
+        cfg, ref = model.cfg, model.norm.weight   # the activations' dtype and device (model.dtype)
         shapes = type(model.layers[0].attn).cache_shapes(cfg)
         bs = settings.block_size
         full = -(-cfg.max_position // bs)                   # blocks of one full-context sequence
@@ -139,7 +139,7 @@ class Engine:
             batch = self.scheduler.schedule()
             if not batch:
                 return []
-            device = self.model.embed.weight.device
+            device = self.model.device
             ids = torch.tensor([t for r, n in batch for t in r.tokens[r.computed:r.computed + n]], device=device)
             step = PagedStep([(r.blocks, r.computed, n) for r, n in batch], self.kv, self.model.run, device)
             ends = torch.tensor([n for _, n in batch]).cumsum(0) - 1
