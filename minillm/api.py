@@ -285,7 +285,7 @@ def load(name_or_path: str | Path | None = None, device=None, dtype=None, backen
     quant.parse(quantize)                         # a bad name fails before anything is read
     from . import gguf
     if (file := gguf.find(name_or_path)) is not None:   # llama.cpp's format: minillm/gguf.py
-        model, tokenizer, hf = gguf.load_model(file, device, dtype, backend, quantize)
+        model, tokenizer, hf = gguf.load_model(file, device, dtype, backend, quantize, progress)
         llm = LLM(model, tokenizer, file, hf, {})
         if tokenizer is not None and tokenizer.chat_template:   # the metadata's tokenizer.chat_template
             named = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}

@@ -21,7 +21,7 @@ from minillm import archs
 
 from .gguf_file import FLOATS, GGUFFile
 from . import quant
-from .loader import _fill, build, settings
+from .loader import _fill, build, progress_bar, settings
 from .locate import LoadError, default_dtype
 from .tokenizer import Tokenizer, TokenizerError
 
@@ -66,7 +66,7 @@ def config(f: GGUFFile):
     return cfg, hf, adapter
 
 
-def load_weights(model, adapter, f: GGUFFile):
+def load_weights(model, adapter, f: GGUFFile, progress: bool | None = None):
     """Strict, as loader.load_weights: every tensor goes somewhere (or is ignored by the adapter),
     every parameter is filled exactly once, every shape is checked."""
     cfg = model.cfg
@@ -74,7 +74,10 @@ def load_weights(model, adapter, f: GGUFFile):
     params = {n: p for n, p in model.named_parameters(remove_duplicate=True) if n not in owned}
     params.update(quant.sinks(model))
     filled, seen = dict.fromkeys(params, 0), {}
+    bar = progress_bar(sum(n for _, n in f.tensors.values()), progress)
     for name in f.tensors:
+        if bar:
+            bar.update(f.tensors[name][1])   # (offset, nbytes)
         dests = adapter.gguf_targets(name, cfg)
         if dests == archs.IGNORE:
             continue
@@ -87,6 +90,8 @@ def load_weights(model, adapter, f: GGUFFile):
             except (RuntimeError, IndexError):   # an adapter's transform (un-permute, per head) cannot take it
                 raise LoadError(f"tensor {name!r} has shape {tuple(w.shape)}, which does not fit {d.param} "
                                 f"{tuple(params[d.param].shape)}") from None
+    if bar:
+        bar.close()
     for name, p in params.items():
         if filled[name] != p.numel():
             want = expected(adapter, cfg, name, f.shapes)
@@ -115,14 +120,14 @@ def expected(adapter, cfg, param: str, present: dict) -> str | None:
 
 
 def load_model(path: Path, device: torch.device, dtype: torch.dtype | None, backend: str = "auto",
-               quantize: str | None = None):
+               quantize: str | None = None, progress: bool | None = None):
     """-> (Decoder, Tokenizer or None, config.json-like dict). dtype None: locate.default_dtype."""
     from .gguf_tokenizer import from_metadata
     f = GGUFFile(path)
     cfg, hf, adapter = config(f)
     dtype = dtype or default_dtype(device, cfg.torch_dtype)
     model = build(cfg, device, dtype, settings(device, dtype, backend, quantize))
-    load_weights(model, adapter, f)
+    load_weights(model, adapter, f, progress)
     try:
         tokenizer = from_metadata(f.meta, f.path.name, Tokenizer) if "tokenizer.ggml.model" in f.meta else None
     except TokenizerError as e:

@@ -168,6 +168,17 @@ def check_names(adapter, cfg: Config, where: dict[str, Path], files: list[Path])
         raise LoadError(f"missing tensor {missing[0]!r}{more}: {place}")
 
 
+def progress_bar(total_bytes: int, progress: bool | None = None):
+    """The one loading bar (safetensors and GGUF alike): tqdm on stderr, by default only on a
+    terminal and for more than 64 MiB of weights; None when there is none to show."""
+    if progress is None:
+        progress = total_bytes > 64 * 2**20 and sys.stderr.isatty()
+    if not progress:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights", file=sys.stderr)
+
+
 def load_weights(model: Decoder, adapter, files: list[Path], progress: bool | None = None,
                  fp8_block: tuple[int, int] | None = None):
     """fp8_block: the checkpoint's FP8 block size (quantization_config.weight_block_size): each
@@ -180,13 +191,7 @@ def load_weights(model: Decoder, adapter, files: list[Path], progress: bool | No
     params.update(quant.sinks(model))
     filled = {name: 0 for name in params}           # values filled so far
     seen: dict[tuple, str] = {}                    # (param, index, rows) -> the tensor that filled it
-    total = sum(f.stat().st_size for f in files)
-    if progress is None:   # a bar only when loading takes more than a moment
-        progress = total > 256 * 2**20 and sys.stderr.isatty()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", file=sys.stderr)
+    bar = progress_bar(sum(f.stat().st_size for f in files), progress)
     for file in files:
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
