@@ -87,3 +87,13 @@ def test_import_minillm_is_cheap():
     code = "import sys, minillm; print(sorted(m for m in ('torch', 'transformers', 'minillm.loader') if m in sys.modules))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]"
+
+
+def test_every_package_is_installed():
+    """pyproject lists packages by hand (archs/ and kernels/ live outside minillm/): a new
+    subpackage missing there works in a checkout and is absent from a wheel."""
+    import re   # not tomllib: Python 3.10 has none
+    line = re.search(r"^packages = \[(.*)\]$", (ROOT / "pyproject.toml").read_text(), re.M)[1]
+    listed = set(re.findall(r'"([\w.]+)"', line))
+    found = {name for name, f in modules().items() if f.name == "__init__.py"}
+    assert found == listed, f"not in pyproject: {sorted(found - listed)}; listed, not found: {sorted(listed - found)}"
