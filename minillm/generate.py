@@ -75,6 +75,13 @@ class Heal:
     context: list[int]           # the token before, for decoders that look back (sentencepiece)
 
 
+def only(logits: torch.Tensor, allowed: list[int]) -> torch.Tensor:
+    """logits (V,) with every id outside `allowed` at -inf: a healed prompt's first new token."""
+    keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    keep[allowed] = True
+    return logits.masked_fill(~keep, float("-inf"))
+
+
 def heal(tokenizer: Tokenizer, ids: list[int]) -> Heal | None:
     """-> how to heal this prompt's end, or None where it cannot be (one token, a partial character)."""
     if len(ids) < 2:
@@ -171,11 +178,9 @@ def run(model: Decoder, tokenizer: Tokenizer | None, prompts: list[list[int]], m
     logits = model(ids[:, start:], start, cache, last=lengths - 1 - start)   # (B, V)
     pos = lengths.clone()                                             # where each next token goes
     uniform = B == 1 or len(set(lens)) == 1       # one shared position: an int start
-    if any(heals):                                                    # the first token extends the tail
-        keep = torch.zeros_like(logits, dtype=torch.bool)
-        for b, h in enumerate(heals):
-            keep[b, h.allowed if h else slice(None)] = True
-        logits = logits.masked_fill(~keep, float("-inf"))
+    for b, h in enumerate(heals):                                     # the first token extends the tail
+        if h:
+            logits[b] = only(logits[b], h.allowed)
     for step in range(budget):
         seen = _seen(seqs, device) if sampling.repetition_penalty else None
         tok = next_tokens(logits, sampling, seen, gen)

@@ -21,7 +21,7 @@ from minillm import archs
 
 from .gguf_file import FLOATS, GGUFFile
 from . import quant
-from .loader import _fill, build, progress_bar, settings
+from .loader import _fill, build, destinations, progress_bar, settings
 from .locate import LoadError, default_dtype
 from .tokenizer import Tokenizer, TokenizerError
 
@@ -70,9 +70,7 @@ def load_weights(model, adapter, f: GGUFFile, progress: bool | None = None):
     """Strict, as loader.load_weights: every tensor goes somewhere (or is ignored by the adapter),
     every parameter is filled exactly once, every shape is checked."""
     cfg = model.cfg
-    owned = quant.owned(model)   # quantized weights are filled by rows through their module
-    params = {n: p for n, p in model.named_parameters(remove_duplicate=True) if n not in owned}
-    params.update(quant.sinks(model))
+    params = destinations(model)
     filled, seen = dict.fromkeys(params, 0), {}
     bar = progress_bar(sum(n for _, n in f.tensors.values()), progress)
     for name in f.tensors:

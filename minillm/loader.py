@@ -179,6 +179,15 @@ def progress_bar(total_bytes: int, progress: bool | None = None):
     return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights", file=sys.stderr)
 
 
+def destinations(model: Decoder) -> dict:
+    """Core name -> what a checkpoint tensor with that target is copied into: the parameters, but
+    for quantized weights, which are filled by rows through their module (quant.sinks)."""
+    owned = quant.owned(model)
+    params = {n: p for n, p in model.named_parameters(remove_duplicate=True) if n not in owned}
+    params.update(quant.sinks(model))
+    return params
+
+
 def load_weights(model: Decoder, adapter, files: list[Path], progress: bool | None = None,
                  fp8_block: tuple[int, int] | None = None):
     """fp8_block: the checkpoint's FP8 block size (quantization_config.weight_block_size): each
@@ -186,9 +195,7 @@ def load_weights(model: Decoder, adapter, files: list[Path], progress: bool | No
     cfg = model.cfg
     where = checkpoint_names(files)
     check_names(adapter, cfg, where, files)
-    owned = quant.owned(model)   # quantized weights are filled by rows through their module
-    params = {n: p for n, p in model.named_parameters(remove_duplicate=True) if n not in owned}
-    params.update(quant.sinks(model))
+    params = destinations(model)
     filled = {name: 0 for name in params}           # values filled so far
     seen: dict[tuple, str] = {}                    # (param, index, rows) -> the tensor that filled it
     bar = progress_bar(sum(f.stat().st_size for f in files), progress)

