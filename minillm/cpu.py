@@ -25,13 +25,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-PLANS = {  # name -> (weight layout, oneDNN for inputs of at least this many rows; 0: never)
-    "blas": ("out_in", 0),            # torch's default: F.linear on the (out, in) weight
-    "blas-t": ("in_out", 0),          # F.linear on a weight stored transposed: BLAS's x @ W case
-    "onednn": ("out_in", 1),          # torch.ops.mkldnn._linear_pointwise (oneDNN brgemm)
-    "blas+onednn": ("out_in", 2),     # one row on BLAS (less overhead per call), more on oneDNN
-    "blas-t+onednn": ("in_out", 2),
+from .kernels import cpu_gemv
+
+PLANS = {  # name -> (weight layout, oneDNN for inputs of at least this many rows (0: never),
+           #          minillm's own loops for inputs of at most this many rows (0: never))
+    "blas": ("out_in", 0, 0),            # torch's default: F.linear on the (out, in) weight
+    "blas-t": ("in_out", 0, 0),          # F.linear on a weight stored transposed: BLAS's x @ W case
+    "onednn": ("out_in", 1, 0),          # torch.ops.mkldnn._linear_pointwise (oneDNN brgemm)
+    "blas+onednn": ("out_in", 2, 0),     # one row on BLAS (less overhead per call), more on oneDNN
+    "blas-t+onednn": ("in_out", 2, 0),
+    "loops": ("out_in", 0, 8),           # up to 8 rows on kernels/cpu_gemv.c, more on BLAS
 }
+PLANS_VERSION = 2   # part of the cache key: a new plan is measured, not hidden by an old verdict
 OUT, IN = 2048, 1024                # one probe matrix, the size of a small model's projection
 PROBE_BUDGET_S = 3.0
 
@@ -72,6 +77,19 @@ def onednn_linear(x, w, b=None):
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
+def loops_linear(x, w, b=None):
+    """kernels/cpu_gemv.c's product for few rows: fp32 sums, the output in x's dtype."""
+    K = x.shape[-1]
+    if x.numel() == 0:
+        return F.linear(x, w, b)
+    y = cpu_gemv.gemv(x.reshape(-1, K).float().contiguous(), w).to(x.dtype).view(*x.shape[:-1], -1)
+    return y + b if b is not None else y
+
+
+def loops_work(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float32, torch.bfloat16) and cpu_gemv.available()
+
+
 def onednn_works(dtype: torch.dtype) -> bool:
     """oneDNN's CPU inner product takes fp32 and bf16 (fp16 only where the CPU has AVX512-FP16)."""
     if not torch.backends.mkldnn.is_available():
@@ -95,7 +113,8 @@ def measure(dtype: torch.dtype, mbytes: int = 64, reps: int = 5, deadline: float
     weights = {"out_in": list(buf),                                  # (OUT, IN), rows contiguous
                "in_out": [b.view(IN, OUT).t() for b in buf]}         # (OUT, IN), columns contiguous
     xs = {m: torch.full((m, IN), 0.5, dtype=dtype) for m in (1, 8)}
-    libs = {"blas": F.linear, **({"onednn": onednn_linear} if onednn_works(dtype) else {})}
+    libs = {"blas": F.linear, **({"onednn": onednn_linear} if onednn_works(dtype) else {}),
+            **({"loops": loops_linear} if loops_work(dtype) else {})}
     best = {}                                                         # (layout, lib, M, i) -> s
     for rep in range(reps + 1):                                       # the first pass warms up
         if time.perf_counter() > deadline:
@@ -103,6 +122,8 @@ def measure(dtype: torch.dtype, mbytes: int = 64, reps: int = 5, deadline: float
         for layout, ws in weights.items():                            # interleaved: drifting load
             for lib, linear in libs.items():                          # hurts every one alike
                 for m, x in xs.items():
+                    if lib == "loops" and layout != "out_in":                # they read rows
+                        continue
                     for i, w in enumerate(ws):                        # n matrices > cache: streamed
                         t = time.perf_counter()
                         linear(x, w)
@@ -111,11 +132,22 @@ def measure(dtype: torch.dtype, mbytes: int = 64, reps: int = 5, deadline: float
                             best[layout, lib, m, i] = min(best.get((layout, lib, m, i), t), t)
     cost = lambda layout, lib, m: sum(best.get((layout, lib, m, i), float("inf")) for i in range(n))
     out = {}
-    for name, (layout, rows) in PLANS.items():
+    for name, (layout, rows, loop_rows) in PLANS.items():
         one, many = ("onednn" if rows == 1 else "blas"), ("onednn" if rows else "blas")
+        if loop_rows:
+            one = many = "loops"
         if one in libs and many in libs:
             out[name] = cost(layout, one, 1) + cost(layout, many, 8)
     return out
+
+
+def default_plan(dtype: torch.dtype) -> str:
+    """Without a measurement: torch's default for fp32 (its BLAS is near the bandwidth roof at one
+    row); for 16-bit weights, whose one-row BLAS path can be ~8x slower (bf16 on MKL here), the
+    loops, else oneDNN."""
+    if dtype == torch.float32:
+        return "blas"
+    return "loops" if loops_work(dtype) else "onednn" if onednn_works(dtype) else "blas"
 
 
 def plan(dtype: torch.dtype) -> str:
@@ -129,8 +161,9 @@ def _plan(dtype: torch.dtype, threads: int) -> str:
     if forced:
         if forced not in PLANS:
             raise ValueError(f"MINILLM_CPU_PLAN={forced!r}: choose from {', '.join(PLANS)}")
-        return forced if PLANS[forced][1] == 0 or onednn_works(dtype) else "blas"
-    key = f"{cpu_name()} | torch {torch.__version__} | {dtype} | {threads} threads"
+        _, rows, loop_rows = PLANS[forced]
+        return forced if (not rows or onednn_works(dtype)) and (not loop_rows or loops_work(dtype)) else "blas"
+    key = f"{cpu_name()} | torch {torch.__version__} | {dtype} | {threads} threads | plans v{PLANS_VERSION}"
     file = cache_root() / "cpu-plans.json"
     try:
         known = json.loads(file.read_text())
@@ -141,16 +174,16 @@ def _plan(dtype: torch.dtype, threads: int) -> str:
     # ~0.6 s on an idle machine; far longer means the cores are busy and the timings say little
     deadline = time.perf_counter() + PROBE_BUDGET_S
     runs = measure(dtype, deadline=deadline), measure(dtype, deadline=deadline)
-    seconds = {p: min(r[p] for r in runs) for p in runs[0]} if all(runs) else {}
-    best = min(seconds, key=seconds.get) if seconds else "blas"
-    # leave torch's default only for a clear win in both runs: on a shared machine a preempted
+    fallback = default_plan(dtype)
+    if not all(runs):   # busy cores: the default now, and no verdict kept (measured next time)
+        return fallback
+    seconds = {p: min(r[p] for r in runs) for p in runs[0]}
+    best = min(seconds, key=seconds.get)
+    # leave the default only for a clear win in both runs: on a shared machine a preempted
     # probe can make any plan look fast
-    if seconds and any(r[best] > 0.9 * r["blas"] for r in runs):
-        best = "blas"
+    if any(r[best] > 0.9 * r[fallback] for r in runs):
+        best = fallback
     known[key] = {"plan": best, "seconds": {p: round(s, 5) for p, s in seconds.items()}}
-    if not seconds:
-        known[key]["note"] = (f"probe ran over {PROBE_BUDGET_S} s (busy cores?): torch's default kept; "
-                              "delete this entry to measure again")
     try:                                                              # a read-only home is no error
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_suffix(f".{os.getpid()}.tmp")

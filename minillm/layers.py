@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config
-from .cpu import onednn_linear
+from .cpu import loops_linear, onednn_linear
 
 
 class RMSNorm(nn.Module):
@@ -29,18 +29,24 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose CPU products may go to oneDNN (set by the run's CPU plan, see
-    Decoder.apply_cpu_plan and cpu.py): where MKL takes a generic path (AMD), oneDNN's brgemm is up
-    to 2x faster, the same result to fp32 rounding. The weight stays an ordinary (out, in)
-    parameter either way (its storage may be transposed)."""
+    """nn.Linear whose CPU products may go elsewhere than torch's default (set by the run's CPU
+    plan, see Decoder.set_cpu_plan and cpu.py): to minillm's own loops for few rows (bf16 decode
+    reads its weights ~1.4x faster there than through oneDNN), or to oneDNN (where MKL takes a
+    generic path, on AMD, its brgemm is up to 2x faster). The same result to fp32 rounding. The
+    weight stays an ordinary (out, in) parameter either way (its storage may be transposed)."""
     onednn_rows = 0   # oneDNN for inputs of at least this many rows; 0: never
+    loop_rows = 0     # kernels/cpu_gemv.c for inputs of at most this many rows; 0: never
 
-    def dense(self) -> torch.Tensor:   # the (out, in) weight; quant.QLinear's dequantizes
-        return self.weight
+    def dense(self, dtype=None) -> torch.Tensor:   # the (out, in) weight; quant.QLinear's dequantizes
+        return self.weight if dtype is None else self.weight.to(dtype)
 
     def forward(self, x):
-        if self.onednn_rows and x.numel() >= self.onednn_rows * x.shape[-1] and x.is_cpu:
-            return onednn_linear(x, self.weight, self.bias)
+        if x.is_cpu and (self.loop_rows or self.onednn_rows):
+            rows = x.numel() // x.shape[-1]
+            if rows <= self.loop_rows:
+                return loops_linear(x, self.weight, self.bias)
+            if self.onednn_rows and rows >= self.onednn_rows:
+                return onednn_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

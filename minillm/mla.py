@@ -95,7 +95,7 @@ class MLAttention(nn.Module):
         """Scores and output in the latent space; only the cache's c_kv and k_pe are read."""
         cfg = self.cfg
         H, Dn, R = cfg.num_heads, cfg.qk_nope_head_dim, cfg.kv_lora_rank
-        w = self.kv_b.dense().to(q_nope.dtype).view(H, Dn + cfg.v_head_dim, R)   # quantized: dequantized
+        w = self.kv_b.dense(dtype=q_nope.dtype).view(H, Dn + cfg.v_head_dim, R)   # quantized: dequantized
         w_uk, w_uv = w[:, :Dn], w[:, Dn:]                                # (H, Dn, R), (H, Dv, R)
         q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)          # (B, T, H, R)
         if step.backend == "triton" and step.T == 1 and step.cache is not None:

@@ -115,13 +115,14 @@ class Decoder(nn.Module):
         Free on the meta device, where the loader builds: weights are then allocated in their
         final layout and filled in place. oneDNN (for inputs of >= onednn_rows rows) costs ~10 us
         more per call than BLAS, more than it saves on a weight under 1 MiB."""
-        layout, onednn_rows = cpu.PLANS[plan]
+        layout, onednn_rows, loop_rows = cpu.PLANS[plan]
         self.run = replace(self.run, cpu_plan=plan)
         for m in self.modules():
             if not isinstance(m, Linear):
                 continue
             w = m.weight
             m.onednn_rows = onednn_rows if w.numel() * w.element_size() >= onednn_min_bytes else 0
+            m.loop_rows = loop_rows if m.in_features % 32 == 0 else 0   # the loops read blocks of 32
             if w is getattr(self.embed, "weight", None) or (layout == "in_out") == (w.stride(0) == 1 and w.shape[0] > 1):
                 continue
             w = w.t().contiguous().t() if layout == "in_out" else w.contiguous()

@@ -3,19 +3,26 @@
 At batch 1 decode reads every weight once per token, so bytes per weight set the speed. The
 activations keep the model's dtype; only the stored weights shrink:
 
-    int8      w[n, k] = q[n, k] * s[n]                   q in -127..127, s = max|w[n]| / 127
-    int4:gG   w[n, k] = (q[n, k] - 8) * s[n, j] + z[n, j] for k in group j (G columns, default 32);
-              q in 0..15, s = (max - min) / 15, z = min + 8 s: asymmetric, as llama.cpp's Q4_1
-              (`z` is tinygemm's "zero in the float domain": the group minimum sits at q = 0)
+    int8      w[n, k] = q[n, k] * d[n]                   q in -127..127, d = max|w[n]| / 127
+    int4:gG   w[n, k] = q[n, k] * d[n, j] + m[n, j]      for k in group j (G columns, default 32);
+              q in 0..15, d = (max - min) / 15, m = min: asymmetric, llama.cpp's Q4_1
 
+d and m are stored fp16 (rounded first; q is rounded against the stored values), and int4 values
+sit in llama.cpp's Q4 block order (kernels/cpu_gemv.py), so GGUF's Q4_0, Q4_1 and Q8_0 tensors load
+as their own bytes (gguf.py): Q4_0 is Q4_1 with m = -8 d, Q8_0 is int8 with one d per 32 columns.
 Both are row-local (a row's values never depend on another row), so the loader quantizes each
 checkpoint tensor into its rows as it arrives: a fused qkv or gate_up needs no staging copy and
-the full-precision weights are never in memory at once. The products run on PyTorch's weight-only
-kernels: `_weight_int8pack_mm` (any shape) and `_weight_int4pack_mm_for_cpu`, which needs N % 16 == 0
-and K % G == 0 (G in 32, 64, 128, 256) and its own packed layout (`_convert_weight_to_int4pack_for_cpu`,
-local to blocks of 64 rows). A layer a kernel cannot take (kernel_takes) keeps a dequantized weight
-(the same rounding, in the model dtype) and is counted by `minillm info`. On CUDA: `_weight_int4pack_mm`
-(bf16 activations, tensor-core tiles) and int8 as a cast + matmul + per-channel scale, as gpt-fast.
+the full-precision weights are never in memory at once.
+
+Products (Packed.mm): on CPU, up to 8 rows (decode, small batches) run minillm's own loops
+(kernels/cpu_gemv.c: the weights widened to fp32 in registers, fp32 activations and sums); more
+rows (prefill) dequantize the weight into a scratch buffer, in the activations' dtype, and use
+torch's matmul (oneDNN/AMX for bf16), which is compute-bound there. PyTorch's own weight-only CPU
+kernels (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) were the first version: at one row they
+ran ~2x slower than these loops here, and want bf16 activations. Without a C compiler, and on CUDA,
+the product dequantizes in torch (correct, not fast; int8 on CUDA: gpt-fast's cast + matmul). A
+layer whose K is not a multiple of 32 and of G keeps a dequantized weight (kernel_takes), counted
+by `minillm info`.
 
 Which tensors: every projection (attention, MLP, MLA, shared and routed experts). The head is int8
 in every mode (llama.cpp also keeps its output layer at 6-8 bits; README "Quantization" has the
@@ -32,19 +39,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError
+from .kernels import cpu_gemv
 
-GROUPS = (32, 64, 128)      # int4 group sizes offered (the CPU kernel also takes 256)
-INT4_PACK_ROWS = 64         # _convert_weight_to_int4pack_for_cpu packs blocks of 64 rows independently
+GROUPS = (32, 64, 128)      # int4 group sizes offered
+SCALE_DTYPE = torch.float16
 
 
 @dataclass(frozen=True)
 class Scheme:
     bits: int               # 8 or 4
-    group: int = 0          # int4: columns sharing one scale and zero; int8: 0 (per output channel)
+    group: int = 0          # columns sharing one scale (and min); 0: the whole row (int8 per channel)
 
     @property
     def name(self) -> str:
-        return "int8" if self.bits == 8 else f"int4:g{self.group}"
+        if self.bits == 8:
+            return "int8" if not self.group else f"int8:g{self.group}"
+        return f"int4:g{self.group}"
 
 
 def parse(spec: str | None) -> Scheme | None:
@@ -60,89 +70,81 @@ def parse(spec: str | None) -> Scheme | None:
 
 # -- the arithmetic, in plain torch (the reference the tests hold the kernels to) ---------------
 
-def quantize_int8(w: torch.Tensor, scale_dtype=torch.float32):
-    """(N, K) float -> q (N, K) int8, s (N,) scale_dtype; q is rounded against s as it is stored."""
-    w = w.float()
-    s = (w.abs().amax(-1) / 127).clamp(min=1e-10).to(scale_dtype)
-    q = (w / s.float()[..., None]).round().clamp(-127, 127).to(torch.int8)
-    return q, s
-
-
-def dequantize_int8(q, s, dtype=torch.float32):
-    return (q.float() * s.float()[..., None]).to(dtype)
-
-
-def quantize_int4(w: torch.Tensor, group: int, scale_dtype=torch.float32):
-    """(N, K) float -> q (N, K) uint8 in 0..15, s and z (N, ceil(K / group)) scale_dtype. A last,
-    partial group (K % group, only for dequantized layers) is padded with its last value."""
+def _groups(w: torch.Tensor, group: int) -> torch.Tensor:
+    """(N, K) -> (N, K/G, G) in fp32; a last, partial group (dequantized layers only) is padded
+    with its row's last value, which changes neither its max, its min nor its scale."""
     N, K = w.shape
+    group = group or K
     w = w.float()
     if K % group:
         w = torch.cat((w, w[:, -1:].expand(N, group - K % group)), 1)
-    g = w.view(N, -1, group)
+    return w.view(N, -1, group)
+
+
+def quantize_int8(w: torch.Tensor, group: int = 0):
+    """(N, K) float -> q (N, K) int8, d (N, K/G) fp16 (G = K: one scale per row)."""
+    g = _groups(w, group)
+    d = (g.abs().amax(-1) / 127).clamp(min=1e-7).to(SCALE_DTYPE)
+    q = (g / d.float()[..., None]).round().clamp(-127, 127).to(torch.int8)
+    return q.view(w.shape[0], -1)[:, :w.shape[1]], d
+
+
+def quantize_int4(w: torch.Tensor, group: int):
+    """(N, K) float -> q (N, K) uint8 in 0..15, d and m (N, K/G) fp16."""
+    g = _groups(w, group)
     lo, hi = g.amin(-1), g.amax(-1)
-    s = ((hi - lo) / 15).clamp(min=1e-10).to(scale_dtype)
-    z = (lo + 8 * s.float()).to(scale_dtype)
-    q = ((g - z.float()[..., None]) / s.float()[..., None] + 8).round().clamp(0, 15)
-    return q.view(N, -1)[:, :K].to(torch.uint8), s, z
+    d = ((hi - lo) / 15).clamp(min=1e-7).to(SCALE_DTYPE)
+    m = lo.to(SCALE_DTYPE)
+    q = ((g - m.float()[..., None]) / d.float()[..., None]).round().clamp(0, 15).to(torch.uint8)
+    return q.view(w.shape[0], -1)[:, :w.shape[1]], d, m
 
 
-def dequantize_int4(q, s, z, group: int, dtype=torch.float32):
+def dequantize_int8(q, d, dtype=torch.float32):
     N, K = q.shape
-    q = F.pad(q.float(), (0, -K % group)).view(N, -1, group)
-    w = (q - 8) * s.float()[..., None] + z.float()[..., None]
+    return (_groups(q, K // d.shape[-1] if K % d.shape[-1] == 0 else -(-K // d.shape[-1]))
+            * d.float()[..., None]).view(N, -1)[:, :K].to(dtype)
+
+
+def dequantize_int4(q, d, m, dtype=torch.float32):
+    """q (N, K) values 0..15 (unpacked), d and m (N, groups)."""
+    N, K = q.shape
+    G = -(-K // d.shape[-1])
+    w = _groups(q, G) * d.float()[..., None] + m.float()[..., None]
     return w.view(N, -1)[:, :K].to(dtype)
 
 
-def nibbles(q: torch.Tensor) -> torch.Tensor:
-    """(N, K) values 0..15 -> (N, K/2) uint8, column 2i in the low nibble: how rows wait to be packed."""
-    return (q[:, ::2] | (q[:, 1::2] << 4)).to(torch.uint8)
-
-
-def unnibble(p: torch.Tensor) -> torch.Tensor:
-    return torch.stack((p & 15, p >> 4), -1).flatten(-2)       # (N, K/2) -> (N, K)
-
-
 def kernel_takes(scheme: Scheme, N: int, K: int) -> bool:
-    """Whether the weight-only kernels take an (N, K) weight. int4 (CPU): N % 16 and K % G, checked
-    by the op; CUDA's tinygemm needs N % 8 and K % 32, implied. int8 (CPU) checks nothing but returns
-    garbage or crashes for K % 16 != 0 or odd N (measured on torch 2.13), so those are refused here."""
-    if scheme.bits == 8:
-        return N % 4 == 0 and K % 16 == 0
-    return N % 16 == 0 and K % scheme.group == 0
+    """Whether a weight stays quantized: the loops read blocks of 32 columns, a scale's group
+    whole ones."""
+    return K % 32 == 0 and K % (scheme.group or K) == 0
 
 
 # -- the modules: what the loader fills and the decoder runs -------------------------------------
 
-KERNEL_DTYPE = torch.bfloat16   # the CPU kernels are fast for bf16 activations only (fp32 ones
-                                # take a scalar path, ~50x slower at 512 rows) and want scales of
-                                # the activations' dtype: scales are bf16, inputs are cast to it
-
-
 class Packed(nn.Module):
     """Quantized weights of logical shape (*lead, N, K) (lead: () for a Linear, (E,) for stacked
-    experts) and their product with activations. The loader fills them by rows from full-precision
-    tensors (fill), then finish() packs int4 into the kernel's layout.
+    experts) and their product with activations. The loader fills them by rows, from
+    full-precision tensors (fill) or from GGUF blocks (fill_raw).
 
-    int8:         qweight (*lead, N, K) int8, scales (*lead, N) bf16
-    int4 kernel:  qweight (*lead, N, K/2) uint8, scales_zeros (*lead, K/G, N, 2) bf16
+    int8:         qweight (*lead, N, K) int8, scales (*lead, N, K/G) fp16
+    int4:         qweight (*lead, N, K/2) uint8 (Q4 block order), scales, mins (*lead, N, K/G) fp16
     other shapes: weight (*lead, N, K) in the model dtype, dequantized (kernel_takes says no)
     """
-    kept_dtypes = {"scales": KERNEL_DTYPE, "scales_zeros": KERNEL_DTYPE}   # loader.build keeps these
+    kept_dtypes = {"scales": SCALE_DTYPE, "mins": SCALE_DTYPE}   # loader.build keeps these
 
     def __init__(self, lead: tuple[int, ...], N: int, K: int, scheme: Scheme):
         super().__init__()
         self.shape, self.scheme, self.N, self.K = (*lead, N, K), scheme, N, K
         self.kernel = kernel_takes(scheme, N, K)
-        empty = lambda *s, dtype=KERNEL_DTYPE: nn.Parameter(torch.empty(*s, dtype=dtype), requires_grad=False)
+        empty = lambda *s, dtype=SCALE_DTYPE: nn.Parameter(torch.empty(*s, dtype=dtype), requires_grad=False)
+        groups = K // (scheme.group or K)
         if not self.kernel:
             self.weight = nn.Parameter(torch.empty(*lead, N, K), requires_grad=False)
         elif scheme.bits == 8:
-            self.qweight, self.scales = empty(*lead, N, K, dtype=torch.int8), empty(*lead, N)
+            self.qweight, self.scales = empty(*lead, N, K, dtype=torch.int8), empty(*lead, N, groups)
         else:
             self.qweight = empty(*lead, N, K // 2, dtype=torch.uint8)
-            self.scales_zeros = empty(*lead, K // scheme.group, N, 2)
-        self.packed = False
+            self.scales, self.mins = empty(*lead, N, groups), empty(*lead, N, groups)
 
     def numel(self) -> int:                       # the loader counts values filled against this
         return self.N * self.K * (self.shape[0] if len(self.shape) == 3 else 1)
@@ -151,79 +153,79 @@ class Packed(nn.Module):
         kind = "kernel" if self.kernel else "dequantized"
         return f"shape={self.shape}, {self.scheme.name}, {kind}"
 
+    def _pick(self, e):
+        return (lambda p: p) if e is None else (lambda p: p[e])
+
     @torch.no_grad()
     def fill(self, index: int | None, rows: tuple[int, int] | None, t: torch.Tensor):
         """Quantize t, (rows, K) full precision, into rows [r0, r1) (of expert `index`)."""
-        pick = (lambda p: p) if index is None else (lambda p: p[index])
+        pick = self._pick(index)
         r0, r1 = rows or (0, self.N)
         g = self.scheme.group
         if self.scheme.bits == 8:
-            q, s = quantize_int8(t, KERNEL_DTYPE)
-            if not self.kernel:
-                pick(self.weight)[r0:r1] = dequantize_int8(q, s, self.weight.dtype)
-                return
-            pick(self.qweight)[r0:r1] = q
-            pick(self.scales)[r0:r1] = s
-            return
-        q, s, z = quantize_int4(t, g, KERNEL_DTYPE)
+            q, d = quantize_int8(t, g)
+            parts = {"qweight": q, "scales": d}
+            dense = lambda: dequantize_int8(q, d)
+        else:
+            q, d, m = quantize_int4(t, g)
+            parts = {"qweight": cpu_gemv.pack_int4(q) if self.kernel else None, "scales": d, "mins": m}
+            dense = lambda: dequantize_int4(q, d, m)
         if not self.kernel:
-            pick(self.weight)[r0:r1] = dequantize_int4(q, s, z, g, self.weight.dtype)
+            pick(self.weight)[r0:r1] = dense()
             return
-        pick(self.qweight)[r0:r1] = nibbles(q.to(torch.int32))
-        sz = pick(self.scales_zeros)
-        sz[:, r0:r1, 0], sz[:, r0:r1, 1] = s.t(), z.t()
+        for name, v in parts.items():
+            pick(getattr(self, name))[r0:r1] = v
 
     @torch.no_grad()
-    def finish(self):
-        """After every row is filled: int4 rows into the kernel's packed layout, in place."""
-        if self.scheme.bits != 4 or not self.kernel or self.packed:
-            return
-        self.packed = True
-        for qw in (self.qweight.view(-1, self.N, self.K // 2)):
-            if qw.is_cuda:   # tinygemm wants column 2i in the high nibble, and its own int32 tiles
-                q = unnibble(qw).to(torch.int32)
-                hi = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
-                qw.view(-1).copy_(torch.ops.aten._convert_weight_to_int4pack(hi, _inner_k_tiles(self.K))
-                                  .view(torch.uint8).view(-1))
-                continue
-            for r in range(0, self.N, INT4_PACK_ROWS):   # blocks of 64 rows pack independently
-                block = qw[r:r + INT4_PACK_ROWS]
-                block.copy_(torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                    unnibble(block).to(torch.int32), 1))
+    def fill_raw(self, index: int | None, rows: tuple[int, int] | None, parts: dict[str, torch.Tensor]):
+        """Rows already in this layout (GGUF's Q4_0, Q4_1, Q8_0 blocks, split by gguf.py)."""
+        pick = self._pick(index)
+        r0, r1 = rows or (0, self.N)
+        for name, v in parts.items():
+            pick(getattr(self, name))[r0:r1] = v
+
+    def finish(self):   # nothing to repack: rows are stored as the kernels read them
+        pass
+
+    def dense(self, e: int | None = None, dtype=torch.float32) -> torch.Tensor:
+        """The dequantized weight (N, K)."""
+        pick = self._pick(e)
+        if not self.kernel:
+            return pick(self.weight).to(dtype)
+        if self.scheme.bits == 8:
+            return dequantize_int8(pick(self.qweight), pick(self.scales), dtype)
+        return dequantize_int4(cpu_gemv.unpack_int4(pick(self.qweight)), pick(self.scales), pick(self.mins), dtype)
 
     def mm(self, x: torch.Tensor, e: int | None = None) -> torch.Tensor:
         """x (M, K) -> x @ W.T (M, N) in x's dtype; e: which expert."""
-        pick = (lambda p: p) if e is None else (lambda p: p[e])
+        pick = self._pick(e)
         if not self.kernel:
-            return F.linear(x, pick(self.weight))
-        g = self.scheme.group
-        if self.scheme.bits == 8:
-            q, s = pick(self.qweight), pick(self.scales)
-            if x.is_cuda:   # gpt-fast's int8: the cast fuses into the matmul's load under compile
-                return F.linear(x, q.to(x.dtype)) * s.to(x.dtype)
-            return torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE).contiguous(), q, s).to(x.dtype)
-        q, sz = pick(self.qweight), pick(self.scales_zeros)
-        if x.is_cuda:
-            kt = _inner_k_tiles(self.K)
-            q = q.view(torch.int32).view(self.N // 8, self.K // (kt * 16), 32, kt // 2)
-            return torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), q, g, sz).to(x.dtype)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(KERNEL_DTYPE).contiguous(), q, g, sz).to(x.dtype)
-
-    def dense(self, e: int | None = None) -> torch.Tensor:
-        """The dequantized weight (N, K) in the scales' dtype (for MLA's absorbed decode, which
-        multiplies by W's transpose): int8 exactly; packed int4 as the kernel's product with the
-        identity, which is W.T exactly up to the bf16 output's rounding."""
-        pick = (lambda p: p) if e is None else (lambda p: p[e])
-        if not self.kernel:
-            return pick(self.weight)
-        if self.scheme.bits == 8:
-            return dequantize_int8(pick(self.qweight), pick(self.scales), KERNEL_DTYPE)
-        eye = torch.eye(self.K, dtype=KERNEL_DTYPE, device=self.qweight.device)
-        return self.mm(eye, e).t()
+            return F.linear(x, pick(self.weight).to(x.dtype))
+        q, d = pick(self.qweight), pick(self.scales)
+        m = pick(self.mins) if self.scheme.bits == 4 else None
+        if x.is_cpu and cpu_gemv.available():
+            if 0 < x.shape[0] <= cpu_gemv.MAX_ROWS:     # decode: the weights widened in registers
+                xf = x.float().contiguous()
+                y = cpu_gemv.gemv_int8(xf, q, d) if m is None else cpu_gemv.gemv_int4(xf, q, d, m)
+                return y.to(x.dtype)
+            out = _scratch(self.N * self.K, x.dtype).view(self.N, self.K)   # prefill: a matmul
+            cpu_gemv.dequant_int8(q, d, out) if m is None else cpu_gemv.dequant_int4(q, d, m, out)
+            return F.linear(x, out)
+        if x.is_cuda and m is None and self.scheme.group == 0:   # gpt-fast's int8: the cast fuses under compile
+            return F.linear(x, q.to(x.dtype)) * d[:, 0].to(x.dtype)
+        return F.linear(x, self.dense(e, x.dtype))
 
 
-def _inner_k_tiles(K: int) -> int:
-    return 8 if K % 128 == 0 else 4 if K % 64 == 0 else 2
+_scratch_buffers: dict[tuple, torch.Tensor] = {}
+
+
+def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """One reusable buffer per dtype for dequantized weights (prefill): allocating one per
+    product would cost a page fault per 4 KiB each time. Grows to the largest weight."""
+    buf = _scratch_buffers.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch_buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
 
 
 class QLinear(Packed):
@@ -247,8 +249,8 @@ class QExperts(Packed):
 
 
 class QEmbedding(nn.Module):
-    """A tied embedding whose table is the int8 head's: row v = q[v] * s[v] (the head is
-    quantized per output channel, i.e. per vocabulary row, so a row dequantizes alone)."""
+    """A tied embedding whose table is the int8 head's: row v = q[v] * d[v] (the head is
+    quantized along its input, per vocabulary row, so a row dequantizes alone)."""
 
     def __init__(self, head: QLinear, dtype_ref: torch.Tensor):
         super().__init__()
@@ -256,8 +258,12 @@ class QEmbedding(nn.Module):
         self.ref = nn.Parameter(dtype_ref.new_empty(0), requires_grad=False)   # carries dtype/device
 
     def forward(self, ids):
-        h = self.head
-        return h.qweight[ids].to(self.ref.dtype) * h.scales[ids, None].to(self.ref.dtype)
+        h, dtype = self.head, self.ref.dtype
+        if not h.kernel:
+            return h.weight[ids].to(dtype)
+        q, d = h.qweight[ids], h.scales[ids]                    # (..., K), (..., K/G)
+        w = q.view(*q.shape[:-1], d.shape[-1], -1).float() * d.float()[..., None]
+        return w.flatten(-2).to(dtype)
 
 
 HEAD = Scheme(8)   # the head is int8 whatever the scheme (README "Quantization": measured)
@@ -317,7 +323,7 @@ def summary(model: nn.Module) -> dict:
     kernel = fallback = 0
     for name, p in model.named_parameters():
         kind = {torch.int8: "int8", torch.uint8: "int4 (packed)"}.get(p.dtype, str(p.dtype).removeprefix("torch."))
-        if name.endswith(("scales", "scales_zeros")):
+        if name.endswith(("scales", "mins")):
             kind += " scales"
         by_type[kind] = by_type.get(kind, 0) + p.numel() * p.element_size()
     for m in model.modules():

@@ -103,15 +103,17 @@ def test_every_cpu_plan_gives_the_same_logits(plan, checkpoints):
     tied heads stay tied, names and shapes stay put."""
     if cpu.PLANS[plan][1] and not cpu.onednn_works(torch.float32):
         pytest.skip("this torch has no oneDNN")
+    if cpu.PLANS[plan][2] and not cpu.loops_work(torch.float32):
+        pytest.skip(f"the CPU loops cannot be built here: {cpu.cpu_gemv.why_not()}")
     llm = minillm.load(checkpoints["llama-gqa-tied-llama3"], device="cpu")
     ids = torch.randint(3, 300, (2, 19), generator=torch.Generator().manual_seed(0))
     llm.model.set_cpu_plan("blas")
     ref = llm.logits(ids)
-    layout, rows = cpu.PLANS[plan]
+    layout, rows, loop_rows = cpu.PLANS[plan]
     llm.model.set_cpu_plan(plan, onednn_min_bytes=0)   # oneDNN even on tiny weights
     assert llm.model.run.cpu_plan == plan
     qkv = llm.model.layers[0].attn.qkv
-    assert qkv.weight.shape == (128, 64) and qkv.onednn_rows == rows
+    assert qkv.weight.shape == (128, 64) and qkv.onednn_rows == rows and qkv.loop_rows == loop_rows
     assert (qkv.weight.stride() == (1, 128)) == (layout == "in_out")
     assert llm.model.head.weight is llm.model.embed.weight
     assert (llm.logits(ids) - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())

@@ -79,7 +79,8 @@ def test_chunked_prefill_equals_unchunked(llms):
     chunked = engine(llm, block_size=8, max_step_tokens=7).generate(ps, params)
     for a, b in zip(whole, chunked):
         assert a.seq.tokens == b.seq.tokens
-        torch.testing.assert_close([lp for lp, _ in a.logprobs], [lp for lp, _ in b.logprobs], atol=1e-5, rtol=0)
+        # chunks of <= 8 rows run the CPU plan's loops, whole prompts BLAS: fp32 sums in another order
+        torch.testing.assert_close([lp for lp, _ in a.logprobs], [lp for lp, _ in b.logprobs], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["llama-gqa-tied-llama3", "deepseek-v3"])

@@ -1,0 +1,254 @@
+/* CPU products for decode: y (M, N) = x (M, K) @ W.T for few rows M, W stored bf16, int8 or int4.
+
+   At batch 1 a decoder reads every weight once per token and does two flops per weight, so
+   these products run at whatever share of the memory bandwidth the loop keeps busy. BLAS and
+   oneDNN are built for blocks of rows: at one row their bf16 and weight-only int8/int4 paths are
+   compute-bound (bf16 here reads ~12 GB/s where a plain stream reads ~20). These loops are
+   written for the compiler's vectoriser (-O3 -march=native: AVX2 or AVX-512, Intel or AMD alike):
+   every inner loop runs over 16 or 32 independent lanes, so no horizontal sum happens inside a
+   row, and one row's weights are read once for all M rows of x.
+
+   Formats (row n, element k; blocks of 32 along k; G = columns per scale, a multiple of 32):
+     bf16   w[n, k]  = bf16(W[n, k])
+     int8   w[n, k]  = q[n, k] * d[n, k / G]                       q int8; G = K: per channel
+     int4   w[n, k]  = q[n, k] * d[n, k / G] + m[n, k / G]         q in 0..15
+            a block's 32 values sit in 16 bytes: byte j holds value j (low nibble) and value
+            j + 16 (high nibble). This is llama.cpp's Q4_0/Q4_1 block order, so those GGUF
+            tensors load as their bytes (Q4_0: m = -8 d).
+   d and m are fp16 (as GGUF's; ~3 significant digits, the quantizer rounds them first).
+   x and y are fp32. The torch references are in cpu_gemv.py. */
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_ROWS 8   /* rows of x per pass over the weights: 8 x 32 fp32 lanes fit the registers */
+
+
+/* Each kernel is a row body, `static inline` over a constant M: the dispatcher below calls it
+   with M = 1..8 spelled out, so the compiler unrolls the loops over rows of x and keeps
+   acc[m][0..31] in vector registers. Threads split the weight rows; each row's 32 lanes are
+   summed once, at its end. */
+#define ALWAYS static inline __attribute__((always_inline))
+#define DISPATCH(ROW, ...)                                                                 \
+    if (M < 1 || M > MAX_ROWS) return;                                                    \
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")                     \
+    for (int64_t n = 0; n < N; n++) {                                                     \
+        switch (M) {                                                                      \
+        case 1: ROW(1, n, __VA_ARGS__); break;                                            \
+        case 2: ROW(2, n, __VA_ARGS__); break;                                            \
+        case 3: ROW(3, n, __VA_ARGS__); break;                                            \
+        case 4: ROW(4, n, __VA_ARGS__); break;                                            \
+        case 5: ROW(5, n, __VA_ARGS__); break;                                            \
+        case 6: ROW(6, n, __VA_ARGS__); break;                                            \
+        case 7: ROW(7, n, __VA_ARGS__); break;                                            \
+        case 8: ROW(8, n, __VA_ARGS__); break;                                            \
+        }                                                                                 \
+    }
+
+/* V: 16 fp32 lanes, one AVX-512 register or two AVX2 ones (plain C elsewhere). Loads widen
+   weights to fp32: int8 (sign-extend), a Q4 block half (low or high nibbles of 16 bytes), bf16
+   (the top half of an fp32). Intrinsics, because GCC 12 turns the same loops written in plain C
+   or vector extensions into one scalar conversion per lane. */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+typedef __m512 V;
+ALWAYS V v_zero(void) { return _mm512_setzero_ps(); }
+ALWAYS V v_set(float a) { return _mm512_set1_ps(a); }
+ALWAYS V v_load(const float *p) { return _mm512_loadu_ps(p); }
+ALWAYS V v_fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+ALWAYS V v_mul(V a, V b) { return _mm512_mul_ps(a, b); }
+ALWAYS V v_add(V a, V b) { return _mm512_add_ps(a, b); }
+ALWAYS float v_sum(V a) { return _mm512_reduce_add_ps(a); }
+ALWAYS V v_int8(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+ALWAYS V v_nibbles(const uint8_t *p, int high) {
+    __m128i b = _mm_loadu_si128((const __m128i *)p);
+    if (high) b = _mm_srli_epi16(b, 4);
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, _mm_set1_epi8(15))));
+}
+ALWAYS V v_bf16(const uint16_t *p) {
+    __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+typedef struct { __m256 a, b; } V;
+ALWAYS V v_zero(void) { return (V){_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+ALWAYS V v_set(float a) { return (V){_mm256_set1_ps(a), _mm256_set1_ps(a)}; }
+ALWAYS V v_load(const float *p) { return (V){_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+ALWAYS V v_fma(V a, V b, V c) { return (V){_mm256_fmadd_ps(a.a, b.a, c.a), _mm256_fmadd_ps(a.b, b.b, c.b)}; }
+ALWAYS V v_mul(V a, V b) { return (V){_mm256_mul_ps(a.a, b.a), _mm256_mul_ps(a.b, b.b)}; }
+ALWAYS V v_add(V a, V b) { return (V){_mm256_add_ps(a.a, b.a), _mm256_add_ps(a.b, b.b)}; }
+ALWAYS float v_sum(V a) {
+    float t[8];
+    _mm256_storeu_ps(t, _mm256_add_ps(a.a, a.b));
+    return t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7];
+}
+ALWAYS V v_int8(const int8_t *p) {
+    __m128i b = _mm_loadu_si128((const __m128i *)p);
+    return (V){_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)),
+               _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)))};
+}
+ALWAYS V v_nibbles(const uint8_t *p, int high) {
+    __m128i b = _mm_loadu_si128((const __m128i *)p);
+    if (high) b = _mm_srli_epi16(b, 4);
+    b = _mm_and_si128(b, _mm_set1_epi8(15));
+    return (V){_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)),
+               _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)))};
+}
+ALWAYS V v_bf16(const uint16_t *p) {
+    __m256i u = _mm256_loadu_si256((const __m256i *)p);
+    __m256i lo = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(u)), 16);
+    __m256i hi = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(u, 1)), 16);
+    return (V){_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi)};
+}
+#else   /* portable C: correct everywhere, as fast as the compiler makes it */
+typedef struct { float f[16]; } V;
+ALWAYS V v_zero(void) { V r = {{0}}; return r; }
+ALWAYS V v_set(float a) { V r; for (int j = 0; j < 16; j++) r.f[j] = a; return r; }
+ALWAYS V v_load(const float *p) { V r; memcpy(r.f, p, 64); return r; }
+ALWAYS V v_fma(V a, V b, V c) { for (int j = 0; j < 16; j++) c.f[j] += a.f[j] * b.f[j]; return c; }
+ALWAYS V v_mul(V a, V b) { for (int j = 0; j < 16; j++) a.f[j] *= b.f[j]; return a; }
+ALWAYS V v_add(V a, V b) { for (int j = 0; j < 16; j++) a.f[j] += b.f[j]; return a; }
+ALWAYS float v_sum(V a) { float s = 0; for (int j = 0; j < 16; j++) s += a.f[j]; return s; }
+ALWAYS V v_int8(const int8_t *p) { V r; for (int j = 0; j < 16; j++) r.f[j] = p[j]; return r; }
+ALWAYS V v_nibbles(const uint8_t *p, int high) {
+    V r;
+    for (int j = 0; j < 16; j++) r.f[j] = high ? p[j] >> 4 : p[j] & 15;
+    return r;
+}
+ALWAYS V v_bf16(const uint16_t *p) {
+    V r;
+    for (int j = 0; j < 16; j++) { uint32_t u = (uint32_t)p[j] << 16; memcpy(&r.f[j], &u, 4); }
+    return r;
+}
+#endif
+
+/* acc[m] += x[m, k:k+32] * (w0, w1): one block of 32 weights, already fp32 */
+ALWAYS void block(const int M, V acc[][2], const float *x, int64_t K, int64_t k, V w0, V w1) {
+    for (int m = 0; m < M; m++) {
+        acc[m][0] = v_fma(v_load(x + m * K + k), w0, acc[m][0]);
+        acc[m][1] = v_fma(v_load(x + m * K + k + 16), w1, acc[m][1]);
+    }
+}
+
+ALWAYS void store(const int M, V acc[][2], const float *extra, float *y, int64_t ldy, int64_t n) {
+    for (int m = 0; m < M; m++)
+        y[m * ldy + n] = v_sum(v_add(acc[m][0], acc[m][1])) + (extra ? extra[m] : 0.0f);
+}
+
+#define ZERO(acc) for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = v_zero()
+
+ALWAYS void row_bf16(const int M, int64_t n, int64_t K, const float *x, const uint16_t *w,
+                     float *y, int64_t ldy) {
+    V acc[M][2];
+    ZERO(acc);
+    const uint16_t *wr = w + n * K;
+    for (int64_t k = 0; k < K; k += 32) block(M, acc, x, K, k, v_bf16(wr + k), v_bf16(wr + k + 16));
+    store(M, acc, 0, y, ldy, n);
+}
+
+ALWAYS void row_f32(const int M, int64_t n, int64_t K, const float *x, const float *w,
+                    float *y, int64_t ldy) {
+    V acc[M][2];
+    ZERO(acc);
+    const float *wr = w + n * K;
+    for (int64_t k = 0; k < K; k += 32) block(M, acc, x, K, k, v_load(wr + k), v_load(wr + k + 16));
+    store(M, acc, 0, y, ldy, n);
+}
+
+ALWAYS void row_int8(const int M, int64_t n, int64_t K, int64_t G, const float *x, const int8_t *q,
+                     const _Float16 *d, float *y, int64_t ldy) {
+    V acc[M][2];
+    ZERO(acc);
+    const int8_t *qr = q + n * K;
+    const _Float16 *dr = d + n * (K / G);
+    for (int64_t g = 0; g < K / G; g++) {                    /* a group: one scale */
+        V scale = v_set((float)dr[g]);
+        for (int64_t k = g * G; k < (g + 1) * G; k += 32)
+            block(M, acc, x, K, k, v_mul(scale, v_int8(qr + k)), v_mul(scale, v_int8(qr + k + 16)));
+    }
+    store(M, acc, 0, y, ldy, n);
+}
+
+/* int4: sum_k x[k] (q[k] d + m) = sum_k x[k] q[k] d + m * sum_{k in group} x[k]; the group sums
+   of x (xsum, (M, K / G)) are the caller's, computed once per call, not once per row. */
+ALWAYS void row_int4(const int M, int64_t n, int64_t K, int64_t G, const float *x, const float *xsum,
+                     const uint8_t *q, const _Float16 *d, const _Float16 *mins, float *y, int64_t ldy) {
+    V acc[M][2];
+    float extra[M];
+    ZERO(acc);
+    const int64_t groups = K / G;
+    const uint8_t *qr = q + n * (K / 2);
+    const _Float16 *dr = d + n * groups, *mr = mins + n * groups;
+    for (int64_t g = 0; g < groups; g++) {
+        V scale = v_set((float)dr[g]);
+        for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+            const uint8_t *b = qr + k / 2;
+            block(M, acc, x, K, k, v_mul(scale, v_nibbles(b, 0)), v_mul(scale, v_nibbles(b, 1)));
+        }
+    }
+    for (int m = 0; m < M; m++) {
+        extra[m] = 0.0f;
+        for (int64_t g = 0; g < groups; g++) extra[m] += (float)mr[g] * xsum[m * groups + g];
+    }
+    store(M, acc, extra, y, ldy, n);
+}
+
+void gemv_bf16(int M, int64_t N, int64_t K, const float *x, const uint16_t *w, float *y,
+               int64_t ldy, int threads) {
+    DISPATCH(row_bf16, K, x, w, y, ldy)
+}
+
+void gemv_f32(int M, int64_t N, int64_t K, const float *x, const float *w, float *y,
+              int64_t ldy, int threads) {
+    DISPATCH(row_f32, K, x, w, y, ldy)
+}
+
+void gemv_int8(int M, int64_t N, int64_t K, int64_t G, const float *x, const int8_t *q,
+               const _Float16 *d, float *y, int64_t ldy, int threads) {
+    DISPATCH(row_int8, K, G, x, q, d, y, ldy)
+}
+
+void gemv_int4(int M, int64_t N, int64_t K, int64_t G, const float *x, const float *xsum,
+               const uint8_t *q, const _Float16 *d, const _Float16 *mins, float *y, int64_t ldy,
+               int threads) {
+    DISPATCH(row_int4, K, G, x, xsum, q, d, mins, y, ldy)
+}
+
+/* Whole weights back to floats, for many rows: a prefill multiplies the dequantized weight with
+   BLAS/oneDNN (AMX for bf16), compute-bound there, instead of these loops. out (N, K): fp32 when
+   out_f32, else bf16. */
+static inline uint16_t f32_bf16(float f) {   /* round to nearest even, as torch's .to(bfloat16) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 64);   /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+static inline void put(void *out, int out_f32, int64_t i, float v) {
+    if (out_f32) ((float *)out)[i] = v;
+    else ((uint16_t *)out)[i] = f32_bf16(v);
+}
+
+void dequant_int8(int64_t N, int64_t K, int64_t G, const int8_t *q, const _Float16 *d, void *out,
+                  int out_f32, int threads) {
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t k = 0; k < K; k++)
+            put(out, out_f32, n * K + k, (float)d[n * (K / G) + k / G] * (float)q[n * K + k]);
+}
+
+void dequant_int4(int64_t N, int64_t K, int64_t G, const uint8_t *q, const _Float16 *d,
+                  const _Float16 *mins, void *out, int out_f32, int threads) {
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t k = 0; k < K; k += 32) {
+            const uint8_t *b = q + n * (K / 2) + k / 2;
+            float scale = (float)d[n * (K / G) + k / G], min = (float)mins[n * (K / G) + k / G];
+            for (int j = 0; j < 16; j++) {
+                put(out, out_f32, n * K + k + j, scale * (float)(b[j] & 15) + min);
+                put(out, out_f32, n * K + k + j + 16, scale * (float)(b[j] >> 4) + min);
+            }
+        }
+}

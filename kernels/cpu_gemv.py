@@ -1,0 +1,184 @@
+"""CPU products for decode (cpu_gemv.c), their launcher and the torch references they must equal.
+
+The C file is compiled once per machine with the system's C compiler (`cc -O3 -march=native
+-fopenmp`: whatever vector width this CPU has) into MINILLM_CACHE/kernels/, keyed by the source,
+the CPU and the compiler, and called through ctypes. Its OpenMP runtime is the one torch already
+loaded (libgomp.so.1: the loader reuses a library of the same soname), so torch's threads run it.
+No compiler, or a failed build: `available()` is False with the reason in `why_not()`, and the
+callers keep torch's own products. MINILLM_CPU_KERNELS=0 turns them off.
+
+    gemv(x, w)                      x (M, K) fp32 @ w.T, w (N, K) bf16 or fp32   -> (M, N) fp32
+    gemv_int8(x, q, d)              q (N, K) int8, d (N, K/G) fp16               -> (M, N) fp32
+    gemv_int4(x, q, d, m)           q (N, K/2) uint8 (llama.cpp's Q4 block order), d, m (N, K/G) fp16
+    dequant_int8(q, d, out) / dequant_int4(q, d, m, out)        into out (N, K), fp32 or bf16
+M <= 8 rows (more: call again per 8 rows, or dequantize and use a matmul), K % 32 == 0.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_gemv.c")
+MAX_ROWS = 8
+_error: str | None = None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("MINILLM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "minillm"
+    return Path(root).expanduser() / "kernels"
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+@functools.cache
+def _lib():
+    global _error
+    if os.environ.get("MINILLM_CPU_KERNELS", "1") == "0":
+        _error = "MINILLM_CPU_KERNELS=0"
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        _error = "no C compiler (cc) on PATH"
+        return None
+    src = SOURCE.read_bytes()
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        _error = f"{cc} --version failed: {e}"
+        return None
+    key = hashlib.sha256(src + _cpu().encode() + version.encode()).hexdigest()[:16]
+    so = _cache_dir() / f"cpu_gemv-{key}.so"
+    if not so.exists():
+        so.parent.mkdir(parents=True, exist_ok=True)
+        tmp = so.with_suffix(f".{os.getpid()}.tmp")
+        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(tmp), str(SOURCE)]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as e:
+            _error = f"compiling {SOURCE.name} failed: {e}"
+            return None
+        if r.returncode:
+            lines = (r.stderr or r.stdout).strip().splitlines() or ["no output"]
+            _error = f"compiling {SOURCE.name} failed: {next((l for l in lines if 'error' in l), lines[-1])}"
+            return None
+        tmp.replace(so)
+    lib = ctypes.CDLL(str(so))
+    i, p = ctypes.c_int, ctypes.c_void_p
+    L = ctypes.c_int64
+    lib.gemv_bf16.argtypes = lib.gemv_f32.argtypes = [i, L, L, p, p, p, L, i]
+    lib.gemv_int8.argtypes = [i, L, L, L, p, p, p, p, L, i]
+    lib.gemv_int4.argtypes = [i, L, L, L, p, p, p, p, p, p, L, i]
+    lib.dequant_int8.argtypes = [L, L, L, p, p, p, i, i]
+    lib.dequant_int4.argtypes = [L, L, L, p, p, p, p, i, i]
+    return lib
+
+
+def available() -> bool:
+    return _lib() is not None
+
+
+def why_not() -> str | None:
+    _lib()
+    return _error
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _check(x: torch.Tensor, K: int):
+    assert x.dtype == torch.float32 and x.is_contiguous() and x.dim() == 2 and x.shape[1] == K, x.shape
+    assert 1 <= x.shape[0] <= MAX_ROWS and K % 32 == 0, (x.shape, K)   # the C side does nothing else
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    N, K = w.shape
+    _check(x, K)
+    assert w.is_contiguous() and w.dtype in (torch.bfloat16, torch.float32)
+    y = torch.empty(x.shape[0], N)
+    fn = _lib().gemv_bf16 if w.dtype == torch.bfloat16 else _lib().gemv_f32
+    fn(x.shape[0], N, K, _ptr(x), _ptr(w), _ptr(y), N, torch.get_num_threads())
+    return y
+
+
+def gemv_int8(x, q, d) -> torch.Tensor:
+    N, K = q.shape
+    _check(x, K)
+    y = torch.empty(x.shape[0], N)
+    _lib().gemv_int8(x.shape[0], N, K, K // d.shape[1], _ptr(x), _ptr(q), _ptr(d), _ptr(y), N,
+                     torch.get_num_threads())
+    return y
+
+
+def gemv_int4(x, q, d, m) -> torch.Tensor:
+    N, K = q.shape[0], 2 * q.shape[1]
+    _check(x, K)
+    G = K // d.shape[1]
+    xsum = x.view(x.shape[0], -1, G).sum(-1)                           # (M, K/G)
+    y = torch.empty(x.shape[0], N)
+    _lib().gemv_int4(x.shape[0], N, K, G, _ptr(x), _ptr(xsum), _ptr(q), _ptr(d), _ptr(m), _ptr(y),
+                     N, torch.get_num_threads())
+    return y
+
+
+def _out(out, N, K):
+    assert out.shape == (N, K) and out.is_contiguous() and out.dtype in (torch.float32, torch.bfloat16)
+    return _ptr(out), int(out.dtype == torch.float32)
+
+
+def dequant_int8(q, d, out: torch.Tensor) -> torch.Tensor:
+    N, K = q.shape
+    _lib().dequant_int8(N, K, K // d.shape[1], _ptr(q), _ptr(d), *_out(out, N, K), torch.get_num_threads())
+    return out
+
+
+def dequant_int4(q, d, m, out: torch.Tensor) -> torch.Tensor:
+    N, K = q.shape[0], 2 * q.shape[1]
+    _lib().dequant_int4(N, K, K // d.shape[1], _ptr(q), _ptr(d), _ptr(m), *_out(out, N, K),
+                        torch.get_num_threads())
+    return out
+
+
+# -- the torch references ---------------------------------------------------------------------
+
+def unpack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) uint8 in Q4 block order -> (N, K) values 0..15: block b's byte j holds value
+    32b + j in its low nibble and 32b + j + 16 in its high one."""
+    N = q.shape[0]
+    b = q.view(N, -1, 16)
+    return torch.cat((b & 15, b >> 4), dim=-1).view(N, -1)
+
+
+def pack_int4(v: torch.Tensor) -> torch.Tensor:
+    """The inverse of unpack_int4: (N, K) values 0..15 -> (N, K/2) uint8."""
+    N = v.shape[0]
+    b = v.to(torch.uint8).view(N, -1, 2, 16)
+    return (b[:, :, 0] | (b[:, :, 1] << 4)).view(N, -1)
+
+
+def dequant_int8_ref(q, d, dtype=torch.float32) -> torch.Tensor:
+    G = q.shape[1] // d.shape[1]
+    return (q.float() * d.float().repeat_interleave(G, dim=1)).to(dtype)
+
+
+def dequant_int4_ref(q, d, m, dtype=torch.float32) -> torch.Tensor:
+    v = unpack_int4(q).float()
+    G = v.shape[1] // d.shape[1]
+    return (v * d.float().repeat_interleave(G, 1) + m.float().repeat_interleave(G, 1)).to(dtype)
+
+
+def gemv_ref(x, w) -> torch.Tensor:
+    return x.float() @ w.float().t()
