@@ -295,8 +295,12 @@ def _ints(ctx, param, value: str) -> list[int]:
 @click.option("--new-tokens", default=64, show_default=True, type=int)
 @click.option("--batch", default="1,8", show_default=True, callback=_ints,
               help="Batch 1 runs at every prompt length, larger batches at the shortest.")
-@click.option("--compare", type=click.Choice(["transformers"]), default=None,
-              help="Also run transformers on the same checkpoint and prompts, interleaved.")
+@click.option("--compare", type=click.Choice(["transformers", "llama.cpp"]), multiple=True,
+              help="Also run transformers (same checkpoint) or llama.cpp (llama-cpp-python, on GGUF files) on "
+                   "the same prompts, interleaved; repeatable.")
+@click.option("--llama-gguf", "llama_gguf", multiple=True, type=click.Path(dir_okay=False),
+              help="A GGUF file for llama.cpp (repeatable: F32, F16, Q8_0, Q4_0 ... variants side by side; "
+                   "default: MODEL when it is a GGUF). Implies --compare llama.cpp.")
 @click.option("--repeat", default=3, show_default=True, type=click.IntRange(1))
 @click.option("--threads", default=None, type=click.IntRange(1), help="Torch threads for both systems "
                                                                       "(default: torch's, one per core).")
@@ -304,10 +308,11 @@ def _ints(ctx, param, value: str) -> list[int]:
               help="Also time `minillm generate` (and a minimal transformers script) from process start.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @friendly
-def bench(model, device, dtype, backend, quantize, shape, prompt_len, new_tokens, batch, compare, repeat, threads,
-          cold_start, as_json):
+def bench(model, device, dtype, backend, quantize, shape, prompt_len, new_tokens, batch, compare, llama_gguf, repeat,
+          threads, cold_start, as_json):
     """Load time, prefill, time to first token, decode and batched decode speed, memory and the
-    memory-bandwidth roof; with --compare, side by side with transformers."""
+    memory-bandwidth roof; with --compare, side by side with transformers or llama.cpp. --dtype and
+    --quantize take comma lists (e.g. --quantize none,int8,int4): minillm runs in each pair."""
     import json
 
     from .bench import bench as run_bench
@@ -319,8 +324,8 @@ def bench(model, device, dtype, backend, quantize, shape, prompt_len, new_tokens
     log = (lambda msg: None) if as_json else (lambda msg: click.echo(f"# {msg}", err=True))
     path = random_checkpoint(shape, log) if shape else (find(model) or resolve(model))
     out = run_bench(path, device=device, dtype=dtype, backend=backend, prompt_lens=prompt_len,
-                    new_tokens=new_tokens, batches=batch, compare=compare, repeat=repeat, threads=threads,
-                    cold_start=cold_start, log=log, quantize=quantize)
+                    new_tokens=new_tokens, batches=batch, compare=list(compare), repeat=repeat, threads=threads,
+                    cold_start=cold_start, log=log, quantize=quantize, llama_gguf=llama_gguf)
     click.echo(json.dumps(out) if as_json else report(out))
 
 

@@ -16,7 +16,9 @@ import hashlib
 import json
 import os
 import statistics
+import re
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -96,42 +98,164 @@ def _tokenizer(folder: Path):
         {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}))
 
 
+def mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n >= 10 * 2**20 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
+
+
 def median(xs):
     return statistics.median(xs) if xs else None
 
 
+@dataclass
+class Spec:
+    """One system in the run: which kind (SYSTEMS), on which file, dtype and quantization."""
+    key: str                        # unique, the report's column: "ours", "ours int4", "llama.cpp Q4_0"
+    kind: str                       # "ours" | "transformers" | "llama.cpp"
+    path: Path
+    dtype: torch.dtype | None = None
+    quantize: str | None = None
+    bits: float | None = None       # bits per weight, to pair systems for ratios
+    info: dict = field(default_factory=dict)
+
+
+def _list(value) -> list:
+    """None -> [None]; "a,b" -> ["a", "b"]; a list stays (each item split at commas too)."""
+    if value is None:
+        return [None]
+    items = [value] if isinstance(value, str) else list(value)
+    out = [x.strip() if isinstance(x, str) else x for v in items for x in (v.split(",") if isinstance(v, str) else [v])]
+    return list(dict.fromkeys(out)) or [None]
+
+
+SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _bits_of_file_type(ft: str) -> float | None:
+    if ft in ("F32", "F16", "BF16"):
+        return {"F32": 32, "F16": 16, "BF16": 16}[ft]
+    m = re.match(r"(?:I?Q|TQ|MXFP)(\d)", ft)
+    return float(m[1]) if m else None
+
+
+def plan(path: Path, device, dtypes, quantizes, compare, llama_gguf, saved) -> list[Spec]:
+    """The systems to run, ours first: every (dtype, quantization) pair asked for, then each
+    compared system (transformers in each dtype; llama.cpp on each GGUF). Bad input fails here."""
+    ours = []
+    for d in dtypes:
+        dt = parse_dtype(d) or default_dtype(device, saved)
+        for q in quantizes:
+            ours.append(Spec("ours", "ours", path, dt, q, (8 if q == "int8" else 4) if q else torch.finfo(dt).bits))
+    if len(ours) > 1:                   # "ours fp32", "ours int4" (+ "/bf16" when several dtypes are asked)
+        for s in ours:
+            dt = SHORT.get(s.dtype, str(s.dtype).removeprefix("torch."))
+            s.key = "ours " + (s.quantize + (f"/{dt}" if len(dtypes) > 1 else "") if s.quantize else dt)
+    if len({(s.dtype, s.quantize) for s in ours}) < len(ours):
+        raise UsageError("the same --dtype / --quantize configuration is listed twice")
+    specs = list(ours)
+    if "transformers" in compare:
+        if path.suffix == ".gguf":
+            raise UsageError("--compare transformers reads checkpoint folders, not GGUF files")
+        hf_require("--compare transformers")
+        dts = list(dict.fromkeys(s.dtype for s in ours))
+        for dt in dts:
+            key = "transformers" if len(dts) == 1 else f"transformers {SHORT.get(dt, dt)}"
+            specs.append(Spec(key, "transformers", path, dt, None, torch.finfo(dt).bits))
+    if "llama.cpp" in compare:
+        from . import llamacpp
+        if device.type != "cpu":
+            raise UsageError("--compare llama.cpp runs on CPU here: use --device cpu")
+        files = [Path(f) for f in llama_gguf] or ([path] if path.suffix == ".gguf" else [])
+        if not files:
+            raise UsageError(f"--compare llama.cpp runs GGUF files and {path} is a checkpoint folder: give "
+                             "--llama-gguf FILE (the same model as GGUF; repeat it for several variants)")
+        for f in files:
+            if f.suffix != ".gguf" or not f.is_file():
+                raise UsageError(f"--llama-gguf {f}: not a .gguf file")
+        llamacpp.require()                                      # installed? before any loading
+        for f in files:
+            info = llamacpp.describe(f)
+            key = f"llama.cpp {info['file_type']}"
+            if any(s.key == key for s in specs):
+                key += f" ({f.stem})"
+            specs.append(Spec(key, "llama.cpp", f, None, None, _bits_of_file_type(info["file_type"]), info))
+    return specs
+
+
+def pairs(specs: list[Spec]) -> list[tuple[str, str]]:
+    """(ours, theirs) to give ratios for: each compared system against our configurations of the
+    same bits per weight (fp32 ~ F32, bf16 ~ F16, int8 ~ Q8_0, int4 ~ Q4_0 / Q4_1); one with no
+    such partner against every configuration of ours."""
+    ours = [s for s in specs if s.kind == "ours"]
+    out = []
+    for t in (s for s in specs if s.kind != "ours"):
+        same = [o for o in ours if o.bits == t.bits] or ours
+        out += [(o.key, t.key) for o in same]
+    return out
+
+
+def scheme(model, path: Path) -> str:
+    """How minillm holds the weights: the dtype, or the quantization scheme and what it stores."""
+    q = model.run.quantize
+    dt = str(model.dtype).removeprefix("torch.")
+    if not q:
+        text = f"weights {dt} (unquantized"
+        if path.suffix == ".gguf":
+            from .llamacpp import file_type
+            ft = file_type(path)
+            if ft not in ("F32", "F16", "BF16"):
+                text += f"; the file's {ft} blocks dequantized"
+        return text + ")"
+    s = quant.parse(q)
+    summary = quant.summary(model)
+    text = ("weights int8 symmetric per output channel" if s.bits == 8 else
+            f"weights int4 asymmetric in groups of {s.group} ({q})") + ", head int8"
+    if summary["dequantized_layers"]:
+        text += f", {summary['dequantized_layers']} layers dequantized (a shape the kernel cannot take)"
+    held = ", ".join(f"{k} {mib(v)}" for k, v in sorted(summary["bytes_by_type"].items(), key=lambda kv: -kv[1]))
+    return text + f"; held: {held}"
+
+
 def bench(path, device=None, dtype=None, backend="auto", prompt_lens=(128, 512), new_tokens=64,
           batches=(1, 8), compare=None, repeat=3, threads=None, cold_start=True, log=None,
-          quantize=None) -> dict:
-    """All measurements; `compare` = "transformers" adds it, run interleaved with ours."""
+          quantize=None, llama_gguf=()) -> dict:
+    """All measurements. dtype and quantize may be lists (or comma lists): minillm runs in every
+    pair of them. compare: "transformers" and/or "llama.cpp" (on `llama_gguf`, else on path when
+    it is a GGUF); every system runs interleaved with the others."""
     from ..loader import read_config
     log = log or (lambda msg: None)
+    path = Path(path)
     device = parse_device(device)
-    quantize = quant.parse(quantize) and quant.parse(quantize).name   # a bad name: before any work
-    if Path(path).suffix == ".gguf":                             # the dtype load would pick
+    quantizes = list(dict.fromkeys(quant.parse(q) and quant.parse(q).name for q in _list(quantize)))  # bad: before any work
+    dtypes = _list(dtype)
+    for d in dtypes:
+        parse_dtype(d)
+    compare = [c for c in _list(compare) if c] + (["llama.cpp"] if llama_gguf else [])
+    compare = list(dict.fromkeys(compare))
+    for c in compare:
+        if c not in SYSTEMS or c == "ours":
+            raise UsageError(f"--compare {c!r}: choose from transformers, llama.cpp")
+    if new_tokens < 2:
+        raise UsageError("--new-tokens must be at least 2 (decode is timed after the first token)")
+    if path.suffix == ".gguf":                                  # the dtype load would pick
         from ..gguf import GGUFFile, config
         saved = config(GGUFFile(path))[0].torch_dtype
-        if compare:
-            raise UsageError("--compare transformers reads checkpoint folders, not GGUF files")
     else:
-        hf = read_config(Path(path))
+        hf = read_config(path)
         saved = hf.get("dtype") or hf.get("torch_dtype")
-    dtype = parse_dtype(dtype) or default_dtype(device, saved)
+    specs = plan(path, device, dtypes, quantizes, compare, llama_gguf, saved)
     if threads:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
-    if new_tokens < 2:
-        raise UsageError("--new-tokens must be at least 2 (decode is timed after the first token)")
-    names = ["ours"] + ([compare] if compare else [])
-    if compare and compare not in SYSTEMS:
-        raise UsageError(f"--compare {compare!r}: only 'transformers' is supported")
-    if compare:
-        hf_require("--compare transformers")
+    names = [s.key for s in specs]
+    by_key = {s.key: s for s in specs}
 
-    log(f"loading {path} ({dtype}, {device}, {threads} threads)")
-    systems = {n: SYSTEMS[n](path, device, dtype, backend, quantize) for n in names}
-    model = systems["ours"].model
-    cfg = model.cfg
+    systems = {}
+    for s in specs:                                             # ours first: its config sets the lengths
+        if s.kind == "ours":
+            log(f"loading {s.path} ({s.dtype}" + (f", {s.quantize}" if s.quantize else "") + f", {device}, {threads} threads)")
+            systems[s.key] = SYSTEMS[s.kind](s.path, device, s.dtype, backend, s.quantize)
+    first = systems[names[0]].model                             # ours, the first configuration
+    cfg = first.cfg
     lens = [P for P in sorted(set(prompt_lens)) if P + new_tokens <= cfg.max_position]
     skipped = sorted(set(prompt_lens) - set(lens))
     if not lens:
@@ -140,10 +264,22 @@ def bench(path, device=None, dtype=None, backend="auto", prompt_lens=(128, 512),
     if skipped:                                                 # e.g. 512 on a 512-token model
         log(f"skipped prompt length {', '.join(map(str, skipped))}: + {new_tokens} new tokens exceeds "
             f"the model's context of {cfg.max_position}")
+    n_ctx = max(lens) + new_tokens                              # llama.cpp's context (and batch)
+    for s in specs:
+        if s.kind == "transformers":
+            log(f"loading {s.path} in transformers ({s.dtype}, {device})")
+            systems[s.key] = SYSTEMS[s.kind](s.path, device, s.dtype, backend)
+        elif s.kind == "llama.cpp":
+            log(f"loading {s.path} in llama.cpp ({threads} threads)")
+            systems[s.key] = SYSTEMS[s.kind](s.path, device, n_ctx=n_ctx)
+    systems = {n: systems[n] for n in names}
     # batch 1 at every prompt length; larger batches at the shortest (batched decode throughput)
     rows = [(P, 1) for P in lens] + [(lens[0], B) for B in sorted(set(batches)) if B > 1]
     gen = torch.Generator().manual_seed(0)
     prompts = {(P, B): torch.randint(3, cfg.vocab_size, (B, P), generator=gen).to(device) for P, B in rows}
+
+    def runs(n, B):                                             # llama.cpp: batch 1 only
+        return B == 1 or getattr(systems[n], "batched", True)
 
     for sys_ in systems.values():                               # warm-up: kernels, allocator, caches
         sys_.prefill(prompts[rows[0]][:, :8], 2)
@@ -160,6 +296,8 @@ def bench(path, device=None, dtype=None, backend="auto", prompt_lens=(128, 512),
         log(f"repeat {r + 1}/{repeat}")
         for P, B in rows:
             for n in order:
+                if not runs(n, B):
+                    continue
                 if B == 1:
                     add(n, f"prefill_p{P}_tok_s", time_prefill(systems[n], prompts[P, B], new_tokens))
                 if device.type == "cuda":                       # both models sit on the GPU:
@@ -174,39 +312,61 @@ def bench(path, device=None, dtype=None, backend="auto", prompt_lens=(128, 512),
                     add(n, f"ttft_p{P}_s", ttft)
                 add(n, f"decode_p{P}_b{B}_tok_s", decode)
         for n in order:
-            m = measure_load(n, path, device, dtype, backend, threads, quantize)
+            s = by_key[n]
+            m = measure_load(s.kind, s.path, device, s.dtype, backend, threads, s.quantize, n_ctx)
             add(n, "load_s", m["load_s"])
             add(n, "load_rss_anon_growth_bytes", m["rss_anon_growth"])
             if "cuda_allocated" in m:
                 add(n, "load_cuda_allocated_bytes", m["cuda_allocated"])
-            if cold_start and (path.suffix == ".gguf" or (path / "tokenizer.json").exists()):
-                add(n, "cold_start_s", measure_cold_start(n, path, device, dtype, backend, threads, quantize))
+            if cold_start and (s.path.suffix == ".gguf" or (s.path / "tokenizer.json").exists()):
+                add(n, "cold_start_s", measure_cold_start(s.kind, s.path, device, s.dtype, backend, threads, s.quantize))
         load_avg.append(os.getloadavg()[0])
 
     results = {n: {k: median(v) for k, v in samples[n].items()} for n in names}
-    wbytes = weight_bytes(model)
-    for n in names:
-        if results[n].get("load_rss_anon_growth_bytes") is not None:
-            results[n]["load_rss_anon_growth_x_weights"] = results[n]["load_rss_anon_growth_bytes"] / wbytes
 
     # the roof: decode at batch 1 cannot beat (read bandwidth) / (bytes read per token)
     bw = read_bandwidth(device)
-    per_token = bytes_per_token(model, lens[0] + new_tokens // 2)
-    roof = max(bw.values()) / per_token["total"]
-    for n in names:
-        results[n]["roof_fraction"] = results[n][f"decode_p{lens[0]}_b1_tok_s"] / roof
+    context = lens[0] + new_tokens // 2
+    kv_elements = sum(t[:, 0, :context].numel() for t in first.new_cache(1, context).tensors.values())
+    roofs, described = {}, []
+    for s in specs:
+        if s.kind == "llama.cpp":
+            from . import llamacpp
+            per_token, wbytes = llamacpp.bytes_per_token(s.path, kv_elements), s.info["bytes"]
+            s.info["scheme"] = f"file {s.path.name}, tensors " + ", ".join(
+                f"{k} x {v}" for k, v in s.info["tensor_types"].items())
+        else:
+            model = systems[s.key].model
+            per_token, wbytes = bytes_per_token(model, context), weight_bytes(model)
+            s.info["scheme"] = (scheme(model, s.path) + (f", cpu plan {model.run.cpu_plan}"
+                                if s.kind == "ours" and device.type == "cpu" else "")) if s.kind == "ours" \
+                else f"weights {str(s.dtype).removeprefix('torch.')}"
+        s.info["weights_bytes"] = wbytes
+        roofs[s.key] = {"bytes_per_token": per_token, "tok_s": max(bw.values()) / per_token["total"]}
+        res = results[s.key]
+        if res.get("load_rss_anon_growth_bytes") is not None:
+            res["load_rss_anon_growth_x_weights"] = res["load_rss_anon_growth_bytes"] / wbytes
+        res["roof_fraction"] = res[f"decode_p{lens[0]}_b1_tok_s"] / roofs[s.key]["tok_s"]
+        described.append({"key": s.key, "kind": s.kind, "path": str(s.path),
+                          "dtype": None if s.dtype is None else str(s.dtype).removeprefix("torch."),
+                          "quantize": s.quantize, "bits": s.bits, **s.info})
 
     out = {
-        "model": str(path), "arch": cfg.arch, "dtype": str(dtype).removeprefix("torch."),
-        "device": str(device), "backend": model.run.backend, "quantize": quantize, "threads": threads,
-        "cpu_plan": model.run.cpu_plan if device.type == "cpu" else None,
+        "model": str(path), "arch": cfg.arch, "dtype": str(first.dtype).removeprefix("torch."),
+        "device": str(device), "backend": first.run.backend, "quantize": first.run.quantize, "threads": threads,
+        "cpu_plan": first.run.cpu_plan if device.type == "cpu" else None,
         "prompt_lens": lens, "skipped_prompt_lens": skipped, "batches": sorted({B for _, B in rows}), "new_tokens": new_tokens,
-        "repeat": repeat, "weights_bytes": wbytes,
+        "repeat": repeat, "weights_bytes": weight_bytes(first), "systems": described,
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_avg_1min": load_avg},
-        "roof": {"read_bandwidth_bytes_s": bw, "bytes_per_token": per_token,
-                 "context": lens[0] + new_tokens // 2, "tok_s": roof},
+        "roof": {"read_bandwidth_bytes_s": bw, "bytes_per_token": roofs[names[0]]["bytes_per_token"],
+                 "context": context, "tok_s": roofs[names[0]]["tok_s"], "by_system": roofs},
         **results,
     }
-    if compare:
-        out["ratios"] = ratios(results["ours"], results[compare])
+    if "llama.cpp" in compare:
+        import llama_cpp
+        out["llama_cpp"] = {"version": getattr(llama_cpp, "__version__", "?"), "use_extra_bufts": False,
+                            "n_threads": threads, "n_threads_batch": threads, "n_ctx": n_ctx}
+    ps = pairs(specs)
+    if ps:
+        out["ratios"] = {f"{a} / {b}": ratios(results[a], results[b]) for a, b in ps}
     return out

@@ -16,7 +16,7 @@ from .memory import PeakRssAnon
 from .systems import SYSTEMS, sync
 
 
-def _load_child(system: str, path: str, device: str, dtype: str, backend: str, quantize: str = ""):
+def _load_child(system: str, path: str, device: str, dtype: str, backend: str, quantize: str = "", n_ctx: str = ""):
     """Run in a subprocess: warm the page cache, then time one load and its RssAnon peak."""
     from ..loader import weight_files
     from ..locate import parse_dtype
@@ -29,11 +29,15 @@ def _load_child(system: str, path: str, device: str, dtype: str, backend: str, q
     cls = SYSTEMS[system]
     if system == "transformers":
         import transformers  # noqa: F401  (the import is not the load)
+    if system == "llama.cpp":
+        from .llamacpp import require
+        require()            # nor is this one
+    kwargs = {"n_ctx": int(n_ctx)} if system == "llama.cpp" and n_ctx else {}
     if torch.device(device).type == "cuda":
         torch.cuda.init()
     with PeakRssAnon() as mem:
         t0 = time.perf_counter()
-        s = cls(path, device, parse_dtype(dtype), backend, quantize or None)
+        s = cls(path, device, parse_dtype(dtype), backend, quantize or None, **kwargs)
         sync(device)
         load_s = time.perf_counter() - t0
     out = {"load_s": load_s, "rss_anon_growth": mem.growth}
@@ -53,9 +57,10 @@ def _subprocess(args: list[str], threads: int, timeout=600) -> subprocess.Comple
     return r
 
 
-def measure_load(system, path, device, dtype, backend, threads, quantize=None) -> dict:
+def measure_load(system, path, device, dtype, backend, threads, quantize=None, n_ctx=None) -> dict:
+    dtype = str(dtype or "float32").removeprefix("torch.")     # llama.cpp: unused
     r = _subprocess([sys.executable, "-m", "minillm.bench.child", "load", system, str(path), str(device),
-                     str(dtype).removeprefix("torch."), backend, quantize or ""], threads)
+                     dtype, backend, quantize or "", str(n_ctx or "")], threads)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -74,12 +79,16 @@ PROMPT = "def fibonacci(n):"
 
 def measure_cold_start(system, path, device, dtype, backend, threads, quantize=None) -> float:
     """Seconds from spawning a process to its exit, having printed one new token: `minillm
-    generate`, or the few lines of transformers a user would write (HF_SCRIPT)."""
+    generate`, or the few lines of transformers (HF_SCRIPT) or llama-cpp-python (its COLD_SCRIPT) a
+    user would write."""
     dt = str(dtype).removeprefix("torch.")
     if system == "ours":
         args = [sys.executable, "-m", "minillm.cli", "generate", "-m", str(path), PROMPT, "-n", "1",
                 "--temperature", "0", "--device", str(device), "--dtype", dt, "--backend", backend,
                 *(["--quantize", quantize] if quantize else [])]
+    elif system == "llama.cpp":
+        from .llamacpp import COLD_SCRIPT
+        args = [sys.executable, "-c", COLD_SCRIPT, str(path), str(threads), PROMPT]
     else:
         args = [sys.executable, "-c", HF_SCRIPT, str(path), str(device), dt, PROMPT]
     t0 = time.perf_counter()
@@ -89,6 +98,6 @@ def measure_cold_start(system, path, device, dtype, backend, threads, quantize=N
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["load"]:
-        _load_child(*sys.argv[2:8])
+        _load_child(*sys.argv[2:9])
     else:
         sys.exit("usage: python -m minillm.bench.child load SYSTEM PATH DEVICE DTYPE BACKEND")

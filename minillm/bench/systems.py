@@ -1,7 +1,15 @@
-"""The two systems bench measures, behind one interface: load, prefill, generate with a clock.
-Neither may stop early: ours runs with no eos ids, transformers with min_new_tokens = max_new_tokens.
-Prefill and decode are timed apart the same way for both: the first new token's arrival splits a
-generate call in two."""
+"""The systems bench measures, behind one interface: load, prefill, generate with a clock (and
+llama.cpp in llamacpp.py). None may stop early: ours runs with no eos ids, transformers with
+min_new_tokens = max_new_tokens, llama.cpp's generator never stops by itself. Prefill and decode are
+timed apart the same way for all: the first new token's arrival splits a generate call in two.
+
+Ours runs on the engine (minillm/engine), the path llm.generate and the server take, so its per-step
+bookkeeping (scheduling, block tables, the paged KV gather, per-request sampling) is timed too. Each
+timed call gets a fresh engine (prepare, before the clock starts): an empty prefix cache, else a
+repeat would find its prompt cached and skip the prefill; and a step budget that holds the whole
+batch's prompts, so every sequence's first token comes out of the same step (the engine's default
+512 would chunk a batch of 8 x 128) and each later step gives every sequence one more token.
+"""
 from __future__ import annotations
 
 import time
@@ -19,18 +27,31 @@ class Ours:
         self.llm = load(path, device=device, dtype=dtype, backend=backend, quantize=quantize)
         self.model, self.device = self.llm.model, self.llm.device
 
-    @torch.inference_mode()
-    def prefill(self, ids: torch.Tensor, new: int):
-        """One forward over the prompts into a fresh cache, last position's logits only."""
+    def prepare(self, ids: torch.Tensor, new: int):
+        """A fresh engine for the next call (untimed): KV blocks for exactly these sequences."""
         B, T = ids.shape
-        cache = self.model.new_cache(B, T + new)
-        return self.model(ids, 0, cache, last=torch.full((B,), T - 1, device=ids.device))
+        bs = 16
+        self.llm.new_engine(block_size=bs, num_blocks=B * -(-(T + new) // bs), max_running=max(64, B),
+                            max_step_tokens=max(512, B * T))
+
+    def _run(self, ids: torch.Tensor, new: int):
+        from ..engine import SamplingParams
+        params = SamplingParams(temperature=0.0, max_tokens=new, eos=set())   # greedy, no eos: exactly `new`
+        return self.llm.engine.run(ids.tolist(), params)
+
+    def prefill(self, ids: torch.Tensor, new: int):
+        """One engine step over the prompts: a forward into the paged cache, the last positions'
+        logits, one greedy token each."""
+        for _ in self._run(ids, 1):
+            pass
 
     def generate(self, ids: torch.Tensor, new: int, clock: list):
-        """Greedy, exactly `new` tokens (no eos ids: nothing stops early); the loop the API runs."""
-        from ..generate import Sampling, run
-        for _ in run(self.model, None, ids.tolist(), new, Sampling(), set(), [], None):
-            clock.append(time.perf_counter())   # one yield per step, after its tokens are known
+        """Greedy, exactly `new` tokens through the engine; one clock reading per step, after its
+        tokens are known (engine.run yields after each step)."""
+        for reqs in self._run(ids, new):
+            clock.append(time.perf_counter())
+        if len(clock) != new or any(len(r.seq.tokens) != new for r in reqs):   # see the docstring
+            raise RuntimeError(f"the engine took {len(clock)} steps for {new} tokens per sequence")
 
 
 class Transformers:
@@ -64,7 +85,9 @@ class Transformers:
         del clock[0]                        # the prompt's put(), before any work
 
 
-SYSTEMS = {"ours": Ours, "transformers": Transformers}
+from .llamacpp import LlamaCpp  # noqa: E402  (imports llama_cpp only when constructed)
+
+SYSTEMS = {"ours": Ours, "transformers": Transformers, "llama.cpp": LlamaCpp}
 
 
 def sync(device):
@@ -75,6 +98,8 @@ def sync(device):
 def time_generate(system, ids, new) -> tuple[float, float]:
     """-> (time to first token, decode tokens/s over the other new-1 steps, all sequences)."""
     clock: list[float] = []
+    if hasattr(system, "prepare"):
+        system.prepare(ids, new)
     sync(system.device)
     t0 = time.perf_counter()
     system.generate(ids, new, clock)
@@ -86,6 +111,8 @@ def time_generate(system, ids, new) -> tuple[float, float]:
 
 
 def time_prefill(system, ids, new) -> float:
+    if hasattr(system, "prepare"):
+        system.prepare(ids, new)
     sync(system.device)
     t0 = time.perf_counter()
     system.prefill(ids, new)

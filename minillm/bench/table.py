@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import re
 
-from .systems import SYSTEMS
-
 
 def higher_is_better(key: str) -> bool:
     return key.endswith("_tok_s") or key == "roof_fraction"   # rates; times and memory: lower
@@ -52,31 +50,44 @@ def label(key: str) -> str:
 
 
 def report(out: dict) -> str:
-    names = [n for n in SYSTEMS if n in out]
+    """One table: a row per measure, a column per system, then a column per ratio pair
+    ("ours int4 / llama.cpp Q4_1": > 1 means that configuration of ours wins); the header below
+    says what each system ran (dtype, quantization scheme, file), the threads, the roof, the CPU."""
+    systems = out["systems"]
+    names = [s["key"] for s in systems]
+    pairs = list(out.get("ratios", {}))
     order = ["load_s", "load_rss_anon_growth_bytes", "load_rss_anon_growth_x_weights", "cold_start_s",
              "prefill", "ttft", "decode_p", "roof_fraction"]
-    keys = sorted(out["ours"], key=lambda k: next(i for i, o in enumerate(order + [""]) if k.startswith(o)))
-    head = "| measure | " + " | ".join(names) + (" | ours / theirs |" if "ratios" in out else " |")
-    lines = [head, "|---" * (len(names) + 1 + ("ratios" in out)) + "|"]
+    keys = list(dict.fromkeys(k for n in names for k in out[n]))
+    keys.sort(key=lambda k: next(i for i, o in enumerate(order + [""]) if k.startswith(o)))
+    lines = ["| measure | " + " | ".join(names + pairs) + " |", "|---" * (1 + len(names) + len(pairs)) + "|"]
     for k in keys:
         row = [label(k)] + [_fmt(k, out[n].get(k)) for n in names]
-        if "ratios" in out:
-            r = out["ratios"].get(k)
+        for p in pairs:
+            r = out["ratios"][p].get(k)
             row.append("-" if r is None else f"{r:.2f}x")
         lines.append("| " + " | ".join(row) + " |")
     roof = out["roof"]
     bw = ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in roof["read_bandwidth_bytes_s"].items())
-    bpt = roof["bytes_per_token"]
+    from . import mib
+    reads = "; ".join(f"{n} {mib(r['bytes_per_token']['total'])} -> at most {r['tok_s']:.1f} tok/s"
+                      for n, r in roof["by_system"].items())
+    lines += ["", f"model {out['model']} ({out['arch']}) on {out['device']}, {out['threads']} threads, "
+                  f"{out['new_tokens']} new tokens, median of {out['repeat']}, repeats interleaved"]
+    for s in systems:
+        what = {"ours": "minillm", "transformers": "transformers", "llama.cpp": "llama.cpp"}[s["kind"]]
+        act = f", {s['dtype']} activations" if s["kind"] == "ours" else ""
+        lines.append(f"- {s['key']}: {what}{act}, {s.get('scheme', '')}")
+    if "llama_cpp" in out:
+        lc = out["llama_cpp"]
+        lines.append(f"llama.cpp: llama-cpp-python {lc['version']}, n_threads = n_threads_batch = {lc['n_threads']}, "
+                     f"n_ctx = n_batch = {lc['n_ctx']}, batch 1 only; extra buffer types off (use_extra_bufts = "
+                     "False: its AMX buffers crash on quantized types in these VMs), so its weight repacking is off too")
     lines += [
-        "",
-        f"model {out['model']} ({out['arch']}), {out['dtype']} on {out['device']}, {out['threads']} threads, "
-        f"cpu plan {out['cpu_plan']}, {out['new_tokens']} new tokens, median of {out['repeat']}",
-        f"roof: read bandwidth {bw}; a decode step at batch 1 reads {bpt['total'] / 2**20:.0f} MiB "
-        f"(weights {bpt['weights'] / 2**20:.0f} + KV cache {bpt['kv_cache'] / 2**20:.1f} at "
-        f"{roof['context']} tokens) -> at most {roof['tok_s']:.1f} tok/s",
+        f"roof: read bandwidth {bw}; a decode step at batch 1 and {roof['context']} tokens reads: {reads}",
         f"machine: {out['machine']['cpu']}, {out['machine']['cores']} cores, 1-min load average "
         + " -> ".join(f"{x:.1f}" for x in out["machine"]["load_avg_1min"]),
         "ratios: > 1 means ours is better (theirs/ours for times and memory, ours/theirs for rates)"
-        if "ratios" in out else "",
+        if pairs else "",
     ]
     return "\n".join(lines).rstrip() + "\n"
