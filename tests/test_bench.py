@@ -63,8 +63,8 @@ def test_bench_compare_transformers_gives_ratios(env, ours_only):
     out = json.loads(r.stdout)
     ours, theirs = out["ours"], out["transformers"]
     assert sorted(theirs) == sorted(ours) == sorted(m for m in MEASURES if m != "cold_start_s")
-    assert sorted(out["ratios"]) == sorted(ours)
-    for k, ratio in out["ratios"].items():   # > 1 means ours wins: rates ours/theirs, else theirs/ours
+    assert list(out["ratios"]) == ["ours / transformers"] and sorted(out["ratios"]["ours / transformers"]) == sorted(ours)
+    for k, ratio in out["ratios"]["ours / transformers"].items():   # > 1 means ours wins: rates ours/theirs, else theirs/ours
         expected = ours[k] / theirs[k] if higher_is_better(k) else theirs[k] / ours[k]
         assert ratio == pytest.approx(expected) and ratio > 0
 

@@ -335,12 +335,15 @@ def bench(path, device=None, dtype=None, backend="auto", prompt_lens=(128, 512),
             per_token, wbytes = llamacpp.bytes_per_token(s.path, kv_elements), s.info["bytes"]
             s.info["scheme"] = f"file {s.path.name}, tensors " + ", ".join(
                 f"{k} x {v}" for k, v in s.info["tensor_types"].items())
-        else:
+        elif s.kind == "ours":
             model = systems[s.key].model
             per_token, wbytes = bytes_per_token(model, context), weight_bytes(model)
-            s.info["scheme"] = (scheme(model, s.path) + (f", cpu plan {model.run.cpu_plan}"
-                                if s.kind == "ours" and device.type == "cpu" else "")) if s.kind == "ours" \
-                else f"weights {str(s.dtype).removeprefix('torch.')}"
+            s.info["scheme"] = scheme(model, s.path) + (f", cpu plan {model.run.cpu_plan}" if device.type == "cpu" else "")
+        else:   # transformers: the same tensors as our unquantized run in its dtype
+            twin = next((o for o in specs if o.kind == "ours" and o.dtype == s.dtype and not o.quantize), specs[0])
+            per_token = bytes_per_token(systems[twin.key].model, context)
+            wbytes = sum(p.numel() * p.element_size() for p in systems[s.key].model.parameters())
+            s.info["scheme"] = f"weights {str(s.dtype).removeprefix('torch.')}"
         s.info["weights_bytes"] = wbytes
         roofs[s.key] = {"bytes_per_token": per_token, "tok_s": max(bw.values()) / per_token["total"]}
         res = results[s.key]
@@ -363,8 +366,8 @@ def bench(path, device=None, dtype=None, backend="auto", prompt_lens=(128, 512),
         **results,
     }
     if "llama.cpp" in compare:
-        import llama_cpp
-        out["llama_cpp"] = {"version": getattr(llama_cpp, "__version__", "?"), "use_extra_bufts": False,
+        from .llamacpp import require
+        out["llama_cpp"] = {"version": getattr(require(), "__version__", "?"), "use_extra_bufts": False,
                             "n_threads": threads, "n_threads_batch": threads, "n_ctx": n_ctx}
     ps = pairs(specs)
     if ps:
