@@ -312,7 +312,8 @@ def bench(model, device, dtype, backend, quantize, shape, prompt_len, new_tokens
           threads, cold_start, as_json):
     """Load time, prefill, time to first token, decode and batched decode speed, memory and the
     memory-bandwidth roof; with --compare, side by side with transformers or llama.cpp. --dtype and
-    --quantize take comma lists (e.g. --quantize none,int8,int4): minillm runs in each pair."""
+    --quantize take comma lists: `--dtype float32,bfloat16 --quantize none,int8,int4` runs minillm
+    unquantized in each dtype and quantized in the first one (fp32, bf16, int8, int4)."""
     import json
 
     from .bench import bench as run_bench

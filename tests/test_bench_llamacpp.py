@@ -177,3 +177,16 @@ def test_ours_is_timed_on_the_engine(ggufs, monkeypatch):
     timed = list(ours._run(ids[:1], 5))[-1][0].seq.tokens
     api = ours.llm.generate(ids[0].tolist(), max_new_tokens=5, temperature=0).token_ids
     assert len(timed) == 5 and api and timed[:len(api)] == api
+
+
+def test_configurations_from_comma_lists(ggufs):
+    cpu = torch.device("cpu")
+    specs = bench.plan(ggufs["F32"], cpu, ["float32", "bfloat16"], [None, "int8", "int4:g32"], [], (), None)
+    assert [(s.key, s.dtype, s.quantize, s.bits) for s in specs] == [
+        ("ours fp32", torch.float32, None, 32), ("ours bf16", torch.bfloat16, None, 16),
+        ("ours int8", torch.float32, "int8", 8), ("ours int4:g32", torch.float32, "int4:g32", 4)]
+    assert [s.key for s in bench.plan(ggufs["F32"], cpu, [None], [None], [], (), None)] == ["ours"]
+    with pytest.raises(UsageError, match="add none to --quantize"):
+        bench.plan(ggufs["F32"], cpu, ["float32", "bfloat16"], ["int8"], [], (), None)
+    r = run_cli("bench", "-m", str(ggufs["F32"]), "--quantize", "none,int9")
+    assert r.returncode == 2 and "unknown quantization 'int9'" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -140,16 +140,19 @@ def _bits_of_file_type(ft: str) -> float | None:
 def plan(path: Path, device, dtypes, quantizes, compare, llama_gguf, saved) -> list[Spec]:
     """The systems to run, ours first: every (dtype, quantization) pair asked for, then each
     compared system (transformers in each dtype; llama.cpp on each GGUF). Bad input fails here."""
-    ours = []
-    for d in dtypes:
-        dt = parse_dtype(d) or default_dtype(device, saved)
-        for q in quantizes:
-            ours.append(Spec("ours", "ours", path, dt, q, (8 if q == "int8" else 4) if q else torch.finfo(dt).bits))
-    if len(ours) > 1:                   # "ours fp32", "ours int4" (+ "/bf16" when several dtypes are asked)
+    # unquantized in each dtype; quantized in the first one (the kernels run their products in bf16
+    # whatever it is: quant.Packed.mm), so `--dtype float32,bfloat16 --quantize none,int8,int4` gives
+    # the four rows fp32, bf16, int8, int4
+    dts = [parse_dtype(d) or default_dtype(device, saved) for d in dtypes]
+    if len(dts) > 1 and None not in quantizes:
+        raise UsageError("several --dtype values give unquantized runs: add none to --quantize "
+                         "(quantized runs take the first --dtype)")
+    ours = [Spec("ours", "ours", path, dt, None, torch.finfo(dt).bits) for dt in dts if None in quantizes]
+    ours += [Spec("ours", "ours", path, dts[0], q, 8 if q == "int8" else 4) for q in quantizes if q]
+    if len(ours) > 1:                   # "ours fp32", "ours bf16", "ours int8", "ours int4:g32"
         for s in ours:
-            dt = SHORT.get(s.dtype, str(s.dtype).removeprefix("torch."))
-            s.key = "ours " + (s.quantize + (f"/{dt}" if len(dtypes) > 1 else "") if s.quantize else dt)
-    if len({(s.dtype, s.quantize) for s in ours}) < len(ours):
+            s.key = "ours " + (s.quantize or SHORT.get(s.dtype, str(s.dtype).removeprefix("torch.")))
+    if len({s.key for s in ours}) < len(ours):
         raise UsageError("the same --dtype / --quantize configuration is listed twice")
     specs = list(ours)
     if "transformers" in compare:
@@ -218,8 +221,8 @@ def scheme(model, path: Path) -> str:
 def bench(path, device=None, dtype=None, backend="auto", prompt_lens=(128, 512), new_tokens=64,
           batches=(1, 8), compare=None, repeat=3, threads=None, cold_start=True, log=None,
           quantize=None, llama_gguf=()) -> dict:
-    """All measurements. dtype and quantize may be lists (or comma lists): minillm runs in every
-    pair of them. compare: "transformers" and/or "llama.cpp" (on `llama_gguf`, else on path when
+    """All measurements. dtype and quantize may be lists (or comma lists): minillm runs unquantized
+    in each dtype (if quantize lists none) and quantized in the first dtype. compare: "transformers" and/or "llama.cpp" (on `llama_gguf`, else on path when
     it is a GGUF); every system runs interleaved with the others."""
     from ..loader import read_config
     log = log or (lambda msg: None)
