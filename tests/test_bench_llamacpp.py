@@ -1,6 +1,7 @@
 """`minillm bench --compare llama.cpp` without llama-cpp-python (CI never builds it): the usage
 errors, the file-type labels read from GGUF headers, the pairing of systems for ratios, the whole
 run and its report with a stand-in llama.cpp system; and bench's minillm side on the engine path."""
+import json
 import time
 import types
 
@@ -143,6 +144,7 @@ def test_run_and_report_with_llama_cpp_rows(ggufs, monkeypatch):
     assert out["ratios"]["ours int8 / llama.cpp Q8_0"]["decode_p8_b1_tok_s"] == pytest.approx(
         ours["decode_p8_b1_tok_s"] / theirs["decode_p8_b1_tok_s"])
     assert out["llama_cpp"]["use_extra_bufts"] is False and out["llama_cpp"]["n_threads_batch"] == 1
+    json.dumps(out)                                             # --json prints it
     text = bench.report(out)
     head = text.splitlines()[0]
     assert head == ("| measure | ours fp32 | ours int8 | llama.cpp F32 | llama.cpp Q8_0 | "

@@ -1,9 +1,11 @@
 """`minillm bench`: load time, prefill, time to first token, decode and batched decode, memory, and
-the memory-bandwidth roof, measured against transformers in the same run (`--compare transformers`).
+the memory-bandwidth roof, measured against transformers (`--compare transformers`) or llama.cpp
+(`--compare llama.cpp`, llamacpp.py, on GGUF files) in the same run; minillm in one or several
+configurations (`--dtype` / `--quantize` lists), on its engine (systems.py).
 
 Honest by construction: the same checkpoint, the same token ids, the same dtype and threads for
-both systems; repeats interleave the two (ours, theirs, ours, theirs ...) so that a machine whose
-load drifts hurts both alike, and medians are reported. Neither system may stop early: ours runs
+every system; repeats interleave them (ours, theirs, ... then the reverse order) so that a machine
+whose load drifts hurts all alike, and medians are reported. Neither system may stop early: ours runs
 with no eos ids, transformers with min_new_tokens = max_new_tokens. Prefill and decode are timed
 apart the same way for both: the first new token's arrival splits a generate call in two.
 
@@ -222,13 +224,15 @@ def bench(path, device=None, dtype=None, backend="auto", prompt_lens=(128, 512),
           batches=(1, 8), compare=None, repeat=3, threads=None, cold_start=True, log=None,
           quantize=None, llama_gguf=()) -> dict:
     """All measurements. dtype and quantize may be lists (or comma lists): minillm runs unquantized
-    in each dtype (if quantize lists none) and quantized in the first dtype. compare: "transformers" and/or "llama.cpp" (on `llama_gguf`, else on path when
-    it is a GGUF); every system runs interleaved with the others."""
+    in each dtype (if quantize lists none) and quantized in the first dtype. compare: "transformers"
+    and/or "llama.cpp" (on `llama_gguf`, else on path when it is a GGUF); every system runs
+    interleaved with the others."""
     from ..loader import read_config
     log = log or (lambda msg: None)
     path = Path(path)
     device = parse_device(device)
-    quantizes = list(dict.fromkeys(quant.parse(q) and quant.parse(q).name for q in _list(quantize)))  # bad: before any work
+    # a bad name fails here, before any work
+    quantizes = list(dict.fromkeys(quant.parse(q) and quant.parse(q).name for q in _list(quantize)))
     dtypes = _list(dtype)
     for d in dtypes:
         parse_dtype(d)
@@ -255,7 +259,8 @@ def bench(path, device=None, dtype=None, backend="auto", prompt_lens=(128, 512),
     systems = {}
     for s in specs:                                             # ours first: its config sets the lengths
         if s.kind == "ours":
-            log(f"loading {s.path} ({s.dtype}" + (f", {s.quantize}" if s.quantize else "") + f", {device}, {threads} threads)")
+            what = f"{s.dtype}" + (f", {s.quantize}" if s.quantize else "")
+            log(f"loading {s.path} ({what}, {device}, {threads} threads)")
             systems[s.key] = SYSTEMS[s.kind](s.path, device, s.dtype, backend, s.quantize)
     first = systems[names[0]].model                             # ours, the first configuration
     cfg = first.cfg
@@ -341,7 +346,8 @@ def bench(path, device=None, dtype=None, backend="auto", prompt_lens=(128, 512),
         elif s.kind == "ours":
             model = systems[s.key].model
             per_token, wbytes = bytes_per_token(model, context), weight_bytes(model)
-            s.info["scheme"] = scheme(model, s.path) + (f", cpu plan {model.run.cpu_plan}" if device.type == "cpu" else "")
+            plan_ = f", cpu plan {model.run.cpu_plan}" if device.type == "cpu" else ""
+            s.info["scheme"] = scheme(model, s.path) + plan_
         else:   # transformers: the same tensors as our unquantized run in its dtype
             twin = next((o for o in specs if o.kind == "ours" and o.dtype == s.dtype and not o.quantize), specs[0])
             per_token = bytes_per_token(systems[twin.key].model, context)
