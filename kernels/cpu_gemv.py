@@ -5,11 +5,13 @@ The C file is compiled once per machine with the system's C compiler (`cc -O3 -m
 the CPU and the compiler, and called through ctypes. Its OpenMP runtime is the one torch already
 loaded (libgomp.so.1: the loader reuses a library of the same soname), so torch's threads run it.
 No compiler, or a failed build: `available()` is False with the reason in `why_not()`, and the
-callers keep torch's own products. MINILLM_CPU_KERNELS=0 turns them off.
+callers keep torch's own products. MINILLM_CPU_KERNELS=0 turns them off; MINILLM_CPU_MARCH picks
+another -march (the tests build x86-64-v3, AVX2 without VNNI, and x86-64, the plain C path).
 
     gemv(x, w)                      x (M, K) fp32 @ w.T, w (N, K) bf16 or fp32   -> (M, N) fp32
     gemv_int8(x, q, d)              q (N, K) int8, d (N, K/G) fp16               -> (M, N) fp32
     gemv_int4(x, q, d, m)           q (N, K/2) uint8 (llama.cpp's Q4 block order), d, m (N, K/G) fp16
+                                    (both with x rounded to int8 per 32 values: gemv_int*_ref)
     dequant_int8(q, d, out) / dequant_int4(q, d, m, out)        into out (N, K), fp32 or bf16
 M <= 8 rows (more: call again per 8 rows, or dequantize and use a matmul), K % 32 == 0.
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_gemv.c")
+SOURCES = [Path(__file__).with_name(n) for n in ("cpu_gemv.c", "cpu_decode.c")]   # one library
 MAX_ROWS = 8
 _error: str | None = None
 
@@ -53,26 +55,27 @@ def _lib():
     if not cc:
         _error = "no C compiler (cc) on PATH"
         return None
-    src = SOURCE.read_bytes()
+    src = b"".join(f.read_bytes() for f in SOURCES)
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         _error = f"{cc} --version failed: {e}"
         return None
-    key = hashlib.sha256(src + _cpu().encode() + version.encode()).hexdigest()[:16]
+    march = os.environ.get("MINILLM_CPU_MARCH", "native")   # e.g. x86-64-v3 (AVX2), x86-64 (plain C)
+    key = hashlib.sha256(src + _cpu().encode() + version.encode() + march.encode()).hexdigest()[:16]
     so = _cache_dir() / f"cpu_gemv-{key}.so"
     if not so.exists():
         so.parent.mkdir(parents=True, exist_ok=True)
         tmp = so.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(tmp), str(SOURCE)]
+        cmd = [cc, "-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-o", str(tmp), *map(str, SOURCES)]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.SubprocessError) as e:
-            _error = f"compiling {SOURCE.name} failed: {e}"
+            _error = f"compiling the CPU kernels failed: {e}"
             return None
         if r.returncode:
             lines = (r.stderr or r.stdout).strip().splitlines() or ["no output"]
-            _error = f"compiling {SOURCE.name} failed: {next((l for l in lines if 'error' in l), lines[-1])}"
+            _error = f"compiling the CPU kernels failed: {next((l for l in lines if 'error' in l), lines[-1])}"
             return None
         tmp.replace(so)
     lib = ctypes.CDLL(str(so))
@@ -80,9 +83,14 @@ def _lib():
     L = ctypes.c_int64
     lib.gemv_bf16.argtypes = lib.gemv_f32.argtypes = [i, L, L, p, p, p, L, i]
     lib.gemv_int8.argtypes = [i, L, L, L, p, p, p, p, L, i]
-    lib.gemv_int4.argtypes = [i, L, L, L, p, p, p, p, p, p, L, i]
+    lib.gemv_int4.argtypes = [i, L, L, L, p, p, p, p, p, L, i]
     lib.dequant_int8.argtypes = [L, L, L, p, p, p, i, i]
     lib.dequant_int4.argtypes = [L, L, L, p, p, p, p, i, i]
+    f = ctypes.c_float
+    lib.attend_decode.argtypes = [i, i, i, i, i, L, p, L, p, p, i, p, p, f, p, i]
+    lib.rmsnorm.argtypes = [L, L, p, p, f, p]
+    lib.qkv_store.argtypes = [i, i, i, i, p, p, p, f, p, p, p, p, i, p]
+    lib.silu_mul.argtypes = [L, L, p, p]
     return lib
 
 
@@ -126,10 +134,8 @@ def gemv_int8(x, q, d) -> torch.Tensor:
 def gemv_int4(x, q, d, m) -> torch.Tensor:
     N, K = q.shape[0], 2 * q.shape[1]
     _check(x, K)
-    G = K // d.shape[1]
-    xsum = x.view(x.shape[0], -1, G).sum(-1)                           # (M, K/G)
     y = torch.empty(x.shape[0], N)
-    _lib().gemv_int4(x.shape[0], N, K, G, _ptr(x), _ptr(xsum), _ptr(q), _ptr(d), _ptr(m), _ptr(y),
+    _lib().gemv_int4(x.shape[0], N, K, K // d.shape[1], _ptr(x), _ptr(q), _ptr(d), _ptr(m), _ptr(y),
                      N, torch.get_num_threads())
     return y
 
@@ -182,3 +188,41 @@ def dequant_int4_ref(q, d, m, dtype=torch.float32) -> torch.Tensor:
 
 def gemv_ref(x, w) -> torch.Tensor:
     return x.float() @ w.float().t()
+
+
+def quantize_x_ref(x: torch.Tensor):
+    """x (M, K) -> xq (M, K) int8 values (as fp32), dx (M, K/32): the activations as the integer
+    products see them (llama.cpp's Q8_0 rounding of activations)."""
+    b = x.float().view(x.shape[0], -1, 32)
+    amax = b.abs().amax(-1)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return (b * inv[..., None]).round().view(x.shape), amax / 127
+
+
+def round_x(x: torch.Tensor) -> torch.Tensor:
+    """x (M, K) rounded as the integer products round it, back in fp32: xq dx. A prefill multiplies
+    this with the dequantized weight, so that it computes what the decode kernels compute."""
+    xq, dx = quantize_x_ref(x)
+    return (xq.view(x.shape[0], -1, 32) * dx[..., None]).view(x.shape)
+
+
+def gemv_int8_ref(x, q, d) -> torch.Tensor:
+    """sum over blocks of 32 of d dx (q . xq), summed in fp64 (the kernel's integer dot products are
+    exact; only its fp32 accumulation of the scaled blocks differs)."""
+    xq, dx = quantize_x_ref(x)
+    M, K = x.shape
+    G = K // d.shape[1]
+    dots = torch.einsum("mbj,nbj->mnb", xq.view(M, -1, 32).double(), q.double().view(q.shape[0], -1, 32))
+    scale = d.double().repeat_interleave(G // 32, 1)[None] * dx.double()[:, None]     # (M, N, K/32)
+    return (dots * scale).sum(-1).float()
+
+
+def gemv_int4_ref(x, q, d, m) -> torch.Tensor:
+    xq, dx = quantize_x_ref(x)
+    M, K = x.shape
+    N, G = q.shape[0], K // d.shape[1]
+    v = unpack_int4(q).double().view(N, -1, 32)
+    dots = torch.einsum("mbj,nbj->mnb", xq.view(M, -1, 32).double(), v)
+    scale = d.double().repeat_interleave(G // 32, 1)[None] * dx.double()[:, None]
+    xsum = (xq.view(M, -1, 32).sum(-1) * dx).double().view(M, -1, G // 32).sum(-1)     # (M, K/G), rounded x
+    return ((dots * scale).sum(-1) + xsum @ m.double().t()).float()

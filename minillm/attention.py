@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .cache import KVCache
 from .config import RunSettings
+from .kernels import cpu_decode
 
 
 class Step:
@@ -34,6 +35,11 @@ class Step:
         self.pos = self.start_t[:, None] + torch.arange(T, device=device)   # (B, T)
         self.batch_idx = torch.arange(batch, device=device)[:, None]
         self._mask = None
+        self._rows = None
+        # one new token per sequence over a cache, on CPU: attend_decode (kernels/cpu_decode.c)
+        self.cpu_decode = T == 1 and cache is not None and run.backend == "torch" and \
+            torch.device(device).type == "cpu" and cpu_decode.available()
+        self._rope = None
 
     def write(self, layer: int, **new: torch.Tensor) -> dict[str, torch.Tensor]:
         """Store the new tokens' entries (each (B, T, ...)) in the cache; return every entry up to
@@ -67,6 +73,49 @@ class Step:
             attend = triton_attention if step.backend == "triton" else sdpa
             return attend(q, kv["k"], kv["v"], scale, step)
         return self.attention(layer, dict(k=k, v=v), (q,), fn)
+
+    def decode_rows(self, layer: int):
+        """For attend_qkv: the layer's k and v cache as (rows, Hkv, D) tensors, the rows the new
+        tokens go to (B,), the rows each sequence reads (B, S) and its length (B,). Here row
+        b * max_len + position; the rows are the same for every layer, made once."""
+        kv = {name: t.flatten(0, 1) for name, t in self.cache.layer(layer).items()}
+        if self._rows is None:
+            base = torch.arange(self.cache.batch)[:, None] * self.cache.max_len
+            self._rows = (base[:, 0] + self.start_t, base + torch.arange(self.kv_len), self.start_t + 1)
+        return (kv["k"], kv["v"], *self._rows)
+
+    def attend_qkv(self, layer: int, qkv, rope, heads: tuple[int, int, int], norms: tuple, eps: float,
+                   scale: float) -> torch.Tensor:
+        """Decode on CPU (self.cpu_decode): what Attention.forward does after its qkv product, in
+        two calls instead of ~30 small ops: qkv_store (q/k norms, rotary, the cache write) and
+        attend_decode. qkv (B, 1, (H + 2 Hkv) D) -> (B, 1, H D) (the engine's flat batch: (1, B, ...));
+        norms: (q_norm, k_norm) weights or Nones."""
+        H, Hkv, D = heads
+        n = qkv.numel() // qkv.shape[-1]                               # one new token per sequence
+        x = qkv.reshape(n, -1).float().contiguous()                   # (n, (H + 2 Hkv) D) fp32
+        if rope is not None and self._rope is None:                    # (n, D) fp32, once a step
+            self._rope = tuple(t.reshape(n, D).float().contiguous() for t in rope)
+        cos, sin = self._rope or (None, None)
+        k, v, write, read, lens = self.decode_rows(layer)
+        norms = tuple(w if w is None else w.float() for w in norms)
+        cpu_decode.qkv_store(x, H, Hkv, cos, sin, k, v, write, *norms, eps)
+        o = cpu_decode.attend_decode(x.view(n, -1, D)[:, :H], k, v, read, lens, scale)   # (n, H, D)
+        return o.view(*qkv.shape[:-1], H * D).to(qkv.dtype)
+
+
+def cpu_decoding(q: torch.Tensor, step: Step | None = None) -> bool:
+    """One new token per sequence over a cache, on CPU (step None: whether that could run here):
+    kernels/cpu_decode.c attends in one call. SDPA's CPU kernel, built for blocks of queries, costs
+    ~25 us a layer there, and a paged pool needs a gather first; this reads the cache rows in place."""
+    if not (q.is_cpu and cpu_decode.available()):
+        return False
+    return step is None or (step.T == 1 and step.cache is not None and step.backend == "torch")
+
+
+def cpu_attention(q, k, v, rows, lens, scale) -> torch.Tensor:
+    """q (B, 1, H, D); k, v: (rows, Hkv, D) pools; rows (B, S) -> (B, 1, H, Dv)."""
+    o = cpu_decode.attend_decode(q[:, 0].float().contiguous(), k, v, rows, lens, scale)   # (B, H, Dv)
+    return o[:, None].to(q.dtype)
 
 
 def triton_attention(q, k, v, scale, step: Step) -> torch.Tensor:

@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import Config
 from .cpu import loops_linear, onednn_linear
+from .kernels import cpu_decode
 
 
 class RMSNorm(nn.Module):
@@ -23,6 +24,8 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # x * rsqrt(mean(x^2) + eps) in one call instead of six (bit for bit the same arithmetic)
         if x.dtype == self.weight.dtype == torch.float32:
+            if x.is_cpu and x.numel() <= 8 * x.shape[-1] and cpu_decode.available():   # decode: ~2 us, not ~10
+                return cpu_decode.rmsnorm(x.contiguous(), self.weight, self.eps)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # transformers' order: normalise in fp32, cast back, then scale (matters in bf16)
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
@@ -77,6 +80,10 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.gated:
-            gate, up = self.gate_up(x).split(self.inter, dim=-1)
+            gu = self.gate_up(x)
+            if self.act is F.silu and gu.dtype == torch.float32 and gu.is_cpu and \
+                    gu.numel() <= 8 * gu.shape[-1] and cpu_decode.available():   # decode: one call, not three
+                return self.down(cpu_decode.silu_mul(gu.reshape(-1, gu.shape[-1])).view(*gu.shape[:-1], -1))
+            gate, up = gu.split(self.inter, dim=-1)
             return self.down(self.act(gate) * up)
         return self.down(self.act(self.up(x)))

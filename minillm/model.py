@@ -45,6 +45,9 @@ class Attention(nn.Module):
         cfg = self.cfg
         H, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         qkv = self.qkv(x)
+        if step.cpu_decode:                                    # the same steps, fused (kernels/cpu_decode.c)
+            norms = (self.q_norm.weight, self.k_norm.weight) if cfg.qk_norm else (None, None)
+            return self.o(step.attend_qkv(self.layer, qkv, rope, (H, Hkv, D), norms, cfg.norm_eps, self.scale))
         qk = qkv[..., :(H + Hkv) * D].view(B, T, H + Hkv, D)  # q heads, then k heads
         v = qkv[..., (H + Hkv) * D:].view(B, T, Hkv, D)        # (B, T, Hkv, D)
         if cfg.qk_norm:                                        # Qwen3: own weights for q and k

@@ -15,11 +15,13 @@ checkpoint tensor into its rows as it arrives: a fused qkv or gate_up needs no s
 the full-precision weights are never in memory at once.
 
 Products (Packed.mm): on CPU, up to 8 rows (decode, small batches) run minillm's own loops
-(kernels/cpu_gemv.c: the weights widened to fp32 in registers, fp32 activations and sums); more
-rows (prefill) dequantize the weight into a scratch buffer, in the activations' dtype, and use
-torch's matmul (oneDNN/AMX for bf16), which is compute-bound there. PyTorch's own weight-only CPU
-kernels (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) were the first version: at one row they
-ran ~2x slower than these loops here, and want bf16 activations. Without a C compiler, and on CUDA,
+(kernels/cpu_gemv.c): as llama.cpp, the activations are rounded to int8 in blocks of 32 and each
+block's product is an integer dot product (VNNI or AVX2), scaled in fp32. More rows (prefill)
+multiply the same rounded activations, as floats, with the weight dequantized into a scratch
+buffer in the activations' dtype (torch's matmul: oneDNN/AMX for bf16, compute-bound there), so
+cached decoding computes what a full forward does. PyTorch's own weight-only CPU kernels
+(_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) were the first version: at one row they ran
+~2x slower than the loops here, and want bf16 activations. Without a C compiler, and on CUDA,
 the product dequantizes in torch (correct, not fast; int8 on CUDA: gpt-fast's cast + matmul). A
 layer whose K is not a multiple of 32 and of G keeps a dequantized weight (kernel_takes), counted
 by `minillm info`.
@@ -210,7 +212,7 @@ class Packed(nn.Module):
                 return y.to(x.dtype)
             out = _scratch(self.N * self.K, x.dtype).view(self.N, self.K)   # prefill: a matmul
             cpu_gemv.dequant_int8(q, d, out) if m is None else cpu_gemv.dequant_int4(q, d, m, out)
-            return F.linear(x, out)
+            return F.linear(cpu_gemv.round_x(x).to(x.dtype), out)   # x rounded as the decode rows round it
         if x.is_cuda and m is None and self.scheme.group == 0:   # gpt-fast's int8: the cast fuses under compile
             return F.linear(x, q.to(x.dtype)) * d[:, 0].to(x.dtype)
         return F.linear(x, self.dense(e, x.dtype))

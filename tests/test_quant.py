@@ -75,12 +75,21 @@ def test_product_equals_dequantized_weight(spec, N, K, kernel, dtype):
     else:
         dq = quant.dequantize_int4(*quant.quantize_int4(w, scheme.group))
     assert torch.allclose(m.dense(), dq, atol=1e-6)
+    from minillm.kernels import cpu_gemv
     for M in (1, 5, 8, 9, 33):
         x = torch.randn(M, K).to(dtype)
         ref = F.linear(x.float(), dq)
         got = m.mm(x)
         assert got.dtype == dtype
         tol = 1e-5 if dtype == torch.float32 else 2e-2   # bf16: the output's (and prefill's weights') rounding
+        if kernel and cpu_gemv.available():
+            # integer products over x rounded to int8 per 32 values (llama.cpp's Q8_0 activations)
+            # for decode rows, the same rounded x times the dequantized weight for more (prefill):
+            # their reference to fp32 rounding; within a few percent of the float product
+            exact = (cpu_gemv.gemv_int8_ref(x.float(), m.qweight, m.scales) if scheme.bits == 8 else
+                     cpu_gemv.gemv_int4_ref(x.float(), m.qweight, m.scales, m.mins))
+            assert (got.float() - exact).abs().max() <= tol * exact.abs().max(), (M, dtype)
+            tol = 5e-2
         assert (got.float() - ref).abs().max() <= tol * ref.abs().max(), (M, dtype)
 
 
@@ -168,8 +177,9 @@ def test_moe_and_mla(tmp_path):
         assert any(isinstance(m, quant.QExperts) for m in mods)
         kl, top1 = kl_top1(ref, llm.logits(ids))
         # a router whose top-k flips on a rounding picks another expert: at init range 0.3 that
-        # doubles int8's KL here (0.076); int4 stays inside verify's thresholds
-        th = {"kl": 0.15, "top1_agreement": 0.85} if spec == "int8" else QUANT_THRESHOLDS[4]
+        # doubles int8's KL here (0.076 with float activations, 0.175 since the decode products
+        # round x to int8 too); int4 stays inside verify's thresholds
+        th = {"kl": 0.25, "top1_agreement": 0.85} if spec == "int8" else QUANT_THRESHOLDS[4]
         assert kl <= th["kl"] and top1 >= th["top1_agreement"], (spec, kl, top1)
         if spec == "int4":
             assert any(not m.kernel for m in mods) and any(m.kernel for m in mods)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import Step, triton_attention
+from ..attention import Step, cpu_attention, cpu_decoding, sdpa, triton_attention
 from ..config import RunSettings
 
 
@@ -44,6 +44,7 @@ class PagedStep(Step):
         bs = cache.block_size
         self.cache, self.backend, self.absorb = cache, run.backend, run.mla_absorb
         self.T, self.uniform = sum(n for _, _, n in parts), False
+        self._rope = None
         ranges = [torch.arange(start, start + n) for _, start, n in parts]
         self.pos = torch.cat(ranges)[None].to(device)                                       # (1, N)
         self.slots = torch.cat([torch.tensor(b)[p // bs] * bs + p % bs                      # (N,) pool rows
@@ -60,11 +61,19 @@ class PagedStep(Step):
             step = Step(len(ones), 1, int(starts[0]) if same else starts, cache, run, device)
             nb = max(len(parts[i][0]) for i in ones)
             step.table = torch.tensor([parts[i][0] + [0] * (nb - len(parts[i][0])) for i in ones], device=device)
+            step.pool_rows = gather if isinstance(gather, torch.Tensor) else torch.arange(gather.start, gather.stop)[None]
             self.groups.append((torch.tensor([offsets[i] for i in ones], device=device), step, _to(gather, device)))
+        # every sequence decoding one token, on CPU: Attention takes Step.attend_qkv (decode_rows below)
+        self.cpu_decode = len(ones) == len(parts) and self.groups[0][1].cpu_decode
         for i, (blocks, start, n) in enumerate(parts):
             if n > 1:
                 self.groups.append((torch.arange(offsets[i], offsets[i] + n, device=device),
                                     Step(1, n, start, cache, run, device), _to(_gather([blocks], start + n, bs), device)))
+
+    def decode_rows(self, layer):
+        """Step.decode_rows over the pool: the new tokens' slots, the decode group's rows."""
+        pool, (_, step, _) = self.cache.layer(layer), self.groups[0]
+        return pool["k"], pool["v"], self.slots, step.pool_rows, step.start_t + 1
 
     def attention(self, layer, new, queries, fn, gather_decode=True):
         pool = self.cache.layer(layer)
@@ -84,7 +93,12 @@ class PagedStep(Step):
 
     def attend(self, layer, q, k, v, scale):
         if self.backend != "triton":
-            return super().attend(layer, q, k, v, scale)
+            def fn(q, kv, step):
+                if cpu_decoding(q, step):   # the decode group: the CPU kernel reads the pool rows in place
+                    pool = self.cache.layer(layer)
+                    return cpu_attention(q, pool["k"], pool["v"], step.pool_rows, step.start_t + 1, scale)
+                return sdpa(q, kv["k"], kv["v"], scale, step)
+            return self.attention(layer, dict(k=k, v=v), (q,), fn, gather_decode=not cpu_decoding(q))
         from minillm import kernels
         bs = self.cache.block_size
 

@@ -1,0 +1,141 @@
+/* The small steps of CPU decode between the products: attention of one new token over its cached
+   keys, and RMSNorm. At batch 1 a decoder layer is ~4 products and ~20 small tensor ops; eager
+   PyTorch spends 5-30 us on each of the small ones (dispatch, allocation, a thread-pool wake-up
+   for the attention), which at 30 thin layers cost as much as the products (SmolLM2-135M: ~5 ms
+   of ~12 ms per token). Here each is one call. Compiled into the same library as cpu_gemv.c;
+   the torch references are in cpu_decode.py. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf16_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* q . k and o += w v over one head, for keys stored fp32 or bf16; `omp simd reduction` lets the
+   compiler reassociate the sum into vector lanes (a plain loop would stay scalar). */
+#define HEAD_OPS(T, LOAD)                                                                   \
+    static inline float dot_##T(const float *q, const T *k, int D) {                        \
+        float s = 0.0f;                                                                     \
+        _Pragma("omp simd reduction(+:s)")                                                  \
+        for (int i = 0; i < D; i++) s += q[i] * LOAD(k[i]);                                 \
+        return s;                                                                           \
+    }                                                                                       \
+    static inline void axpy_##T(float w, const T *v, float *o, int D) {                     \
+        _Pragma("omp simd")                                                                 \
+        for (int i = 0; i < D; i++) o[i] += w * LOAD(v[i]);                                 \
+    }
+#define AS_IS(x) (x)
+HEAD_OPS(float, AS_IS)
+HEAD_OPS(uint16_t, bf16_f32)
+
+/* Decode attention: query b (one token, H heads of D) attends over the S_b keys its sequence has
+   so far, read from cache rows rows[b, 0..S_b-1] (a contiguous cache's positions, or the paged
+   pool's rows through the block table: no gather copy). Head h reads kv head h / (H / Hkv) (GQA).
+     q (B, H, D) fp32 (sequence b's at q + b q_stride), k (rows, Hkv, D), v (rows, Hkv, Dv) fp32
+     or bf16, out (B, H, Dv) fp32.
+   softmax in fp32 with the maximum subtracted, as SDPA. One (b, h) per task. */
+#define ATTEND(T)                                                                           \
+    for (int64_t j = 0; j < n; j++) {                                                       \
+        p[j] = scale * dot_##T(qh, (const T *)k + (rows[b * S + j] * Hkv + hk) * D, D);     \
+        mx = p[j] > mx ? p[j] : mx;                                                         \
+    }                                                                                       \
+    for (int64_t j = 0; j < n; j++) sum += (p[j] = expf(p[j] - mx));                        \
+    for (int64_t j = 0; j < n; j++)                                                         \
+        axpy_##T(p[j] / sum, (const T *)v + (rows[b * S + j] * Hkv + hk) * Dv, o, Dv);
+
+void attend_decode(int B, int H, int Hkv, int D, int Dv, int64_t S, const float *q, int64_t q_stride,
+                   const void *k, const void *v, int kv_bf16, const int64_t *rows, const int64_t *lens,
+                   float scale, float *out, int threads) {
+    const int group = H / Hkv;
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")
+    for (int64_t t = 0; t < (int64_t)B * H; t++) {
+        const int64_t b = t / H, h = t % H, hk = h / group, n = lens[b];
+        const float *qh = q + b * q_stride + h * D;
+        float *o = out + (b * H + h) * Dv, mx = -INFINITY, sum = 0.0f;
+        float *p = malloc((n > 0 ? n : 1) * sizeof(float));
+        memset(o, 0, Dv * sizeof(float));
+        if (kv_bf16) {
+            ATTEND(uint16_t)
+        } else {
+            ATTEND(float)
+        }
+        free(p);
+    }
+}
+
+/* RMSNorm of R rows of C: out = x / sqrt(mean(x^2) + eps) * w, all fp32 (the caller keeps bf16
+   models on torch's path, whose rounding order transformers defines). */
+void rmsnorm(int64_t R, int64_t C, const float *x, const float *w, float eps, float *out) {
+    for (int64_t r = 0; r < R; r++) {
+        const float *xr = x + r * C;
+        float ss = 0.0f;
+        _Pragma("omp simd reduction(+:ss)")
+        for (int64_t i = 0; i < C; i++) ss += xr[i] * xr[i];
+        const float inv = 1.0f / sqrtf(ss / C + eps);
+        for (int64_t i = 0; i < C; i++) out[r * C + i] = xr[i] * inv * w[i];
+    }
+}
+
+static inline uint16_t f32_bf16(float f) {   /* round to nearest even, as torch's .to(bfloat16) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 64);
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+/* What a decoder's attention does to the new token's fused q|k|v row before attending, in place:
+   qkv (B, (H + 2 Hkv) D) fp32. Optional per-head RMSNorm of q and k heads (Qwen3's q_norm and
+   k_norm: weights of D, NULL when absent), then the rotation of q and k heads by cos and sin (B, D)
+   in the halves layout (x[i], x[i + D/2] pairs, as transformers' rotate_half; NULL: no rotary),
+   then k and v heads are stored in cache row write_rows[b] (k, v: (rows, Hkv, D) fp32 or bf16). */
+void qkv_store(int B, int H, int Hkv, int D, float *qkv, const float *q_norm, const float *k_norm,
+               float eps, const float *cos, const float *sin, void *k, void *v, int kv_bf16,
+               const int64_t *write_rows) {
+    const int half = D / 2;
+    for (int b = 0; b < B; b++) {
+        float *row = qkv + (int64_t)b * (H + 2 * Hkv) * D;
+        for (int h = 0; h < H + Hkv; h++) {
+            float *x = row + h * D;
+            const float *w = h < H ? q_norm : k_norm;
+            if (w) {
+                float ss = 0.0f;
+                for (int i = 0; i < D; i++) ss += x[i] * x[i];
+                const float inv = 1.0f / sqrtf(ss / D + eps);
+                for (int i = 0; i < D; i++) x[i] = x[i] * inv * w[i];
+            }
+            if (cos) {
+                const float *c = cos + (int64_t)b * D, *s = sin + (int64_t)b * D;
+                for (int i = 0; i < half; i++) {
+                    const float x1 = x[i], x2 = x[i + half];
+                    x[i] = x1 * c[i] - x2 * s[i];
+                    x[i + half] = x2 * c[i + half] + x1 * s[i + half];
+                }
+            }
+        }
+        const int64_t at = write_rows[b] * Hkv * D;
+        const float *kn = row + H * D, *vn = row + (H + Hkv) * D;
+        for (int i = 0; i < Hkv * D; i++) {
+            if (kv_bf16) {
+                ((uint16_t *)k)[at + i] = f32_bf16(kn[i]);
+                ((uint16_t *)v)[at + i] = f32_bf16(vn[i]);
+            } else {
+                ((float *)k)[at + i] = kn[i];
+                ((float *)v)[at + i] = vn[i];
+            }
+        }
+    }
+}
+
+/* The gated MLP's middle: gu (M, 2 I) = [gate | up] -> out (M, I) = silu(gate) * up, fp32. */
+void silu_mul(int64_t M, int64_t I, const float *gu, float *out) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t i = 0; i < I; i++) {
+            const float g = gu[m * 2 * I + i];
+            out[m * I + i] = g / (1.0f + expf(-g)) * gu[m * 2 * I + I + i];
+        }
+}
