@@ -280,7 +280,9 @@ def load(name_or_path: str | Path | None = None, device=None, dtype=None, backen
     device None: CUDA when available, else CPU. dtype None: the checkpoint's own on GPU,
     float32 on CPU; or a torch.dtype / "float32" | "bfloat16" | "float16". backend "auto":
     the Triton kernels on CUDA, torch elsewhere. quantize: "int8" | "int4" | "int4:g64" |
-    "int4:g128", weight-only, at load (minillm.quant). What was decided is in `llm.model.run`."""
+    "int4:g128", weight-only, at load (minillm.quant); None: unquantized, but for a GGUF file its
+    Q4_0/Q4_1/Q8_0 tensors as stored ("none": all dequantized; minillm/gguf.py). What was decided
+    is in `llm.model.run`."""
     device, dtype = parse_device(device), parse_dtype(dtype)
     quant.parse(quantize)                         # a bad name fails before anything is read
     from . import gguf

@@ -46,7 +46,8 @@ def model_options(fn):
         click.option("--backend", default="auto", type=click.Choice(["auto", "torch", "triton"])),
         click.option("--quantize", default=None, metavar="SCHEME",
                      help="Weight-only quantization at load: int8 (per output channel) | int4 (group 32) | "
-                          "int4:g64 | int4:g128."),
+                          "int4:g64 | int4:g128 | none. A GGUF file's Q4_0/Q4_1/Q8_0 tensors run as stored "
+                          "unless this says otherwise (none: dequantized)."),
     ]):
         fn = opt(fn)
     return fn

@@ -95,14 +95,27 @@ class RunSettings:
     cpu_plan: str = "blas"         # how CPU products run: a name in cpu.PLANS (layout + library)
     mla_absorb: str = "auto"       # MLA decode: "auto" absorbs W_UK/W_UV for one-token steps only;
                                    # "always" / "never" force one path (tests compare the two)
-    quantize: str | None = None    # weight-only: "int8" | "int4:g32" | "int4:g64" | "int4:g128" (quant.py)
+    quantize: str | None = None    # weight-only: "int8" | "int4:g32" | "int4:g64" | "int4:g128" (quant.py);
+                                   # a GGUF file's own blocks (gguf.py): "as stored (Q4_1, Q8_0)", or
+                                   # with a scheme asked "int4:g32 (Q4_1, Q8_0 as stored)"
+    schemes: dict | None = field(default=None, repr=False, compare=False)
+                                   # per module, beside `quantize` (gguf.py): core module name ->
+                                   # quant.Scheme; a module absent takes the asked scheme, or none
 
     def __post_init__(self):
         from .cpu import PLANS
         from .quant import parse
-        scheme = parse(self.quantize)                           # UsageError on an unknown one
-        object.__setattr__(self, "quantize", scheme.name if scheme else None)   # "int4" -> "int4:g32"
+        if self.schemes is None:
+            scheme = parse(self.quantize)                       # UsageError on an unknown one
+            object.__setattr__(self, "quantize", scheme.name if scheme else None)   # "int4" -> "int4:g32"
         for name, value, allowed in (("backend", self.backend, BACKENDS), ("cpu_plan", self.cpu_plan, PLANS),
                                      ("mla_absorb", self.mla_absorb, MLA_ABSORB)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r} (choose from {', '.join(allowed)})")
+
+    @property
+    def scheme(self):
+        """The quant.Scheme asked for (--quantize), None when none was (a GGUF file's own blocks)."""
+        from .quant import parse
+        q = self.quantize
+        return None if not q or q.startswith("as stored") else parse(q.split(" (")[0])

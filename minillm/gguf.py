@@ -5,12 +5,21 @@ template) and tensors under llama.cpp's names, float (F32, F16, BF16) or quantiz
 (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, the k-quants Q2_K..Q6_K, ...), read by minillm/gguf_file.py
 (memory-mapped; the `gguf` package, llama.cpp's own, dequantizes). The architecture's adapter
 (archs/*.py: `from_gguf`, `gguf_targets`) turns the metadata into a Config and each tensor name
-into core targets, undoing what llama.cpp's converter changed on the way in. Each tensor is
-dequantized on its own and copied into the model at the run dtype, so peak memory is about the
-run weights plus one tensor in float32.
+into core targets, undoing what llama.cpp's converter changed on the way in.
+
+Q4_0, Q4_1 and Q8_0 tensors are minillm's own packed layouts (quant.py: int4 group 32 affine, int8
+with a scale per 32): by default they load as their own bytes (gguf_file.blocks) into quantized
+modules and run on the weight-only kernels, exactly the file's values. A module takes them when
+all its parts (q/k/v -> qkv, gate/up -> gate_up) have one such scheme, and the adapter's transform
+only moves rows (the un-permute of q/k does; DeepSeek's transposed k_b does not). The rest (F32,
+F16, k-quants, ...) is dequantized on its own and copied into the model at the run dtype, so peak
+memory is about the run weights plus one tensor in float32. `quantize="none"` dequantizes every
+tensor (the float model); "int8" requantizes everything per channel; "int4" keeps Q4_0/Q4_1
+tensors' bytes and quantizes the others (a Q8_0 head stays as stored: it is int8 already).
 """
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -21,7 +30,9 @@ from minillm import archs
 
 from .gguf_file import FLOATS, GGUFFile
 from . import quant
-from .loader import _fill, build, destinations, progress_bar, settings
+from .config import RunSettings
+from .gguf_file import BLOCKS, blocks
+from .loader import _fill, build, destinations, pick_backend, progress_bar, settings
 from .locate import LoadError, default_dtype
 from .tokenizer import Tokenizer, TokenizerError
 
@@ -66,6 +77,89 @@ def config(f: GGUFFile):
     return cfg, hf, adapter
 
 
+STORED = {"Q4_0": quant.Scheme(4, 32), "Q4_1": quant.Scheme(4, 32), "Q8_0": quant.Scheme(8, 32)}
+
+
+def moves_rows(d: archs.Target, shape: tuple) -> bool:
+    """Whether the adapter's transform only picks and reorders rows, so it applies to rows of
+    blocks as well (tried on a probe of one column: rows in, (rows, 1) out)."""
+    if d.transform is None:
+        return True
+    try:
+        out = d.transform(torch.zeros(*shape[:-1], 1))
+    except (RuntimeError, IndexError):
+        return False
+    return out.dim() == 2 and out.shape[1] == 1
+
+
+def _stored(f: GGUFFile, cfg, adapter) -> dict[str, set]:
+    """Core module name -> the schemes its weight tensors' blocks are (None: not a packed layout)."""
+    parts: dict[str, set] = {}
+    for name in f.tensors:
+        dests = adapter.gguf_targets(name, cfg)
+        if not isinstance(dests, list):
+            continue
+        s = STORED.get(f.type_name(name))
+        for d in dests:
+            if not d.param.endswith(".bias"):
+                parts.setdefault(d.param.removesuffix(".weight"), set()).add(s if moves_rows(d, f.shapes[name]) else None)
+    if cfg.tie_embeddings:
+        parts["head"] = parts.get("embed", {None})
+    return parts
+
+
+def run_settings(f: GGUFFile, cfg, adapter, device, dtype, backend="auto", quantize: str | None = None) -> RunSettings:
+    """As loader.settings, plus what the file's blocks decide. quantize None: Q4_0/Q4_1/Q8_0
+    tensors as stored, quantize == 'as stored (Q4_1, Q8_0)'; 'none': all dequantized; a scheme:
+    Q4_0/Q4_1 as stored if it is int4:g32, a Q8_0 head if it is int4 (the head is int8 in every
+    mode: these blocks are int8 already), the rest quantized: 'int4:g32 (Q4_1, Q8_0 as stored)'."""
+    asked = quant.parse(quantize)
+    if quantize is not None and asked is None:
+        return settings(device, dtype, backend, None)
+    parts = _stored(f, cfg, adapter)
+    one = {m: next(iter(s)) for m, s in parts.items() if len(s) == 1 and None not in s}
+    if asked is None:
+        schemes = one
+    else:
+        schemes = {"head": one["head"]} if asked.bits == 4 and one.get("head") == STORED["Q8_0"] else {}
+    run = RunSettings(backend="torch", cpu_plan="blas", quantize=asked.name if asked else "as stored", schemes=schemes)
+    params = destinations(build(cfg, torch.device("meta"), dtype, run))   # shapes only
+    kept = sorted({f.type_name(n) for n in f.tensors if raw(f, n, cfg, adapter, params)})
+    if not kept:
+        return settings(device, dtype, backend, quantize)
+    what = f"as stored ({', '.join(kept)})" if asked is None else f"{asked.name} ({', '.join(kept)} as stored)"
+    return RunSettings(backend=pick_backend(backend, device), cpu_plan="blas", quantize=what,
+                       schemes=schemes)
+
+
+def raw(f: GGUFFile, name: str, cfg, adapter, params: dict) -> bool:
+    """Whether tensor `name` loads as its own bytes: every place it goes is a packed module of its
+    blocks' scheme, reached by moving rows."""
+    dests, s = adapter.gguf_targets(name, cfg), STORED.get(f.type_name(name))
+    return (s is not None and isinstance(dests, list) and bool(dests) and
+            all(isinstance(params.get(d.param), quant.Packed) and params[d.param].scheme == s
+                and params[d.param].kernel and moves_rows(d, f.shapes[name]) for d in dests))
+
+
+def _fill_raw(dest: quant.Packed, d: archs.Target, t: torch.Tensor, kind: str, name: str, seen: dict) -> int:
+    """As loader._fill, for rows of blocks (t: uint8 (*rows, bytes)); -> the number of values filled."""
+    key = (d.param, d.index, d.rows)
+    if key in seen:
+        raise LoadError(f"tensors {seen[key]!r} and {name!r} both fill the same place ({d.param})")
+    seen[key] = name
+    shape = tuple(t.shape)
+    t = d.transform(t) if d.transform is not None else t
+    lead = tuple(dest.shape[:-2]) if d.index is None else ()      # a whole stack of experts
+    r0, r1 = d.rows or (0, dest.N)
+    want = (*lead, min(r1, dest.N) - r0, dest.K // 32 * BLOCKS[kind][2])
+    if tuple(t.shape) != want:
+        raise LoadError(f"tensor {name!r} has {shape[-1]}-byte rows {shape[:-1]}, expected {want[:-1]} rows of "
+                        f"{want[-1]} bytes")
+    for e, rows in (enumerate(t) if lead else [(d.index, t)]):
+        dest.fill_raw(e, d.rows, blocks(rows, kind))
+    return math.prod(want[:-1]) * dest.K
+
+
 def load_weights(model, adapter, f: GGUFFile, progress: bool | None = None):
     """Strict, as loader.load_weights: every tensor goes somewhere (or is ignored by the adapter),
     every parameter is filled exactly once, every shape is checked."""
@@ -81,6 +175,11 @@ def load_weights(model, adapter, f: GGUFFile, progress: bool | None = None):
             continue
         if not dests or any(d.param not in params for d in dests):
             raise LoadError(f"unexpected tensor {name!r} in {f.path.name}: the {cfg.arch} model has no place for it")
+        if raw(f, name, cfg, adapter, params):    # the file's own blocks, as they are
+            t, kind = f.read_raw(name), f.type_name(name)
+            for d in dests:
+                filled[d.param] += _fill_raw(params[d.param], d, t, kind, name, seen)
+            continue
         w = f.read(name)
         for d in dests:
             try:
@@ -124,7 +223,7 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype | None, back
     f = GGUFFile(path)
     cfg, hf, adapter = config(f)
     dtype = dtype or default_dtype(device, cfg.torch_dtype)
-    model = build(cfg, device, dtype, settings(device, dtype, backend, quantize))
+    model = build(cfg, device, dtype, run_settings(f, cfg, adapter, device, dtype, backend, quantize))
     load_weights(model, adapter, f, progress)
     try:
         tokenizer = from_metadata(f.meta, f.path.name, Tokenizer) if "tokenizer.ggml.model" in f.meta else None

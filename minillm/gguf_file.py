@@ -21,6 +21,9 @@ QUANTS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K"
           "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS",
           "TQ1_0", "TQ2_0", "MXFP4")
 SUPPORTED = (*FLOATS, *QUANTS)
+# the block types that are minillm's own packed layouts (quant.py), split here into its parts: a
+# block of 32 weights is (offset of d fp16, offset of the values, bytes)
+BLOCKS = {"Q4_0": (0, 2, 18), "Q4_1": (0, 4, 20), "Q8_0": (0, 2, 34)}
 
 
 # GGUF metadata value types (gguf.GGUFValueType): fixed-size ones by struct format; 8 string, 9 array
@@ -119,6 +122,15 @@ class GGUFFile:
             warnings.simplefilter("ignore")
             return torch.from_numpy(data).reshape(shape)
 
+    def read_raw(self, name: str) -> torch.Tensor:
+        """The tensor's bytes in the map, uint8 (*shape[:-1], bytes per row): a row of blocks per row
+        of values, so row operations (slices, the adapters' un-permutes) apply to it unchanged."""
+        shape, (offset, nbytes) = self.shapes[name], self.tensors[name]
+        data = np.frombuffer(self.mm, np.uint8, nbytes, offset).reshape(*shape[:-1], -1)
+        with warnings.catch_warnings():   # read-only map, only read from
+            warnings.simplefilter("ignore")
+            return torch.from_numpy(data)
+
     def checkpoint_summary(self) -> dict:
         """What info reports for a checkpoint: tensors, values, bytes by ggml type."""
         by_type = Counter()
@@ -126,3 +138,24 @@ class GGUFFile:
             by_type[self.type_name(name)] += nbytes
         return {"tensors": len(self.tensors), "params": sum(math.prod(s) for s in self.shapes.values()),
                 "bytes": sum(by_type.values()), "bytes_by_dtype": dict(by_type.most_common())}
+
+
+def blocks(raw: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
+    """Rows of Q4_0, Q4_1 or Q8_0 blocks, raw (N, K/32 * bytes) uint8 -> quant.Packed's parts as
+    views of it (no loop over blocks, no copy; Packed.fill_raw copies them in):
+        Q4_1  d fp16, m fp16, qs[16]  w = q d + m       -> qweight (N, K/32, 16) uint8 (its (N, K/2)),
+                                                           scales, mins (N, K/32)
+        Q4_0  d fp16, qs[16]          w = (q - 8) d     -> the same with m = -8 d (exact in fp16: a
+                                                           power of two; |d| < 8188 does not overflow)
+        Q8_0  d fp16, qs int8[32]     w = q d           -> qweight (N, K/32, 32) int8, scales (N, K/32)
+    ggml's qs bytes are already the Q4 block order quant.py keeps (kernels/cpu_gemv.py)."""
+    at_d, at_q, size = BLOCKS[kind]
+    N = raw.shape[0]
+    b = raw.reshape(N, -1, size)                                   # (N, K/32, bytes)
+    half = lambda at: b[..., at:at + 2].view(torch.float16)[..., 0]  # noqa: E731  (N, K/32)
+    q = b[..., at_q:]                                              # (N, K/32, 16 or 32): a view
+    if kind == "Q8_0":
+        return {"qweight": q.view(torch.int8), "scales": half(at_d)}
+    d = half(at_d)
+    return {"qweight": q, "scales": d, "mins": half(2) if kind == "Q4_1" else d * -8}
+

@@ -132,9 +132,12 @@ def info(model_or_path=None, dtype=None, memory=None, device=None, backend: str 
         checkpoint = None if headers is None else checkpoint_summary(headers)
     device = parse_device(device, available=False)   # costs for a GPU can be read on a CPU
     dtype = parse_dtype(dtype) or default_dtype(device, cfg.torch_dtype)
-    run = settings(device, dtype, backend, quantize)          # as load would decide them
+    run = (gguf.run_settings(f, cfg, adapter, device, dtype, backend, quantize) if source == "GGUF file"
+           else settings(device, dtype, backend, quantize))   # as load would decide them
+    quantize = run.quantize
     qmodel = build(cfg, torch.device("meta"), dtype, run)      # shapes only, no storage
-    model = qmodel if not quantize else build(cfg, torch.device("meta"), dtype, replace(run, quantize=None))
+    model = qmodel if not quantize else build(cfg, torch.device("meta"), dtype,
+                                              replace(run, quantize=None, schemes=None))
     total, active = count_params(model, cfg)
     kv = kv_bytes_per_token(model)
     H, mla = cfg.num_heads, cfg.attention == "mla"
@@ -149,7 +152,7 @@ def info(model_or_path=None, dtype=None, memory=None, device=None, backend: str 
         "path": str(path), "source": source, "arch": cfg.arch,
         "adapter": adapter.__name__.rsplit(".", 1)[-1],
         "architectures": hf.get("architectures") or [], "dtype": str(dtype).removeprefix("torch."),
-        "device": str(device), "backend": run.backend, "run": asdict(run),
+        "device": str(device), "backend": run.backend, "run": {k: v for k, v in asdict(run).items() if k != "schemes"},
         "params": total, "active_params": active, "tied_embeddings": cfg.tie_embeddings,
         "weight_bytes": weight_bytes(model, dtype) if not quantize else quant_bytes(qmodel),
         "quantization": None if not quantize else {"scheme": run.quantize, **quant.summary(qmodel)},

@@ -96,7 +96,7 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         if run.quantize:   # projections stored quantized (quant.py); the loader fills them by rows
-            quant.quantize_modules(self, quant.parse(run.quantize), Linear)
+            quant.quantize_modules(self, run.scheme, Linear, run.schemes)
         self.set_cpu_plan(run.cpu_plan)
 
     def extra_repr(self) -> str:
@@ -135,7 +135,7 @@ class Decoder(nn.Module):
         """After allocating on the meta device: recompute what is derived, not loaded."""
         if self.cfg.pos == "rope":
             self.rotary.reset(self.device)
-        if self.cfg.tie_embeddings and not self.run.quantize:   # to_empty() gives each module its own tensor: tie again
+        if self.cfg.tie_embeddings and not isinstance(self.embed, quant.QEmbedding):   # to_empty() gives each module its own tensor: tie again
             self.head.weight = self.embed.weight
 
     def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:

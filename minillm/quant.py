@@ -180,11 +180,13 @@ class Packed(nn.Module):
 
     @torch.no_grad()
     def fill_raw(self, index: int | None, rows: tuple[int, int] | None, parts: dict[str, torch.Tensor]):
-        """Rows already in this layout (GGUF's Q4_0, Q4_1, Q8_0 blocks, split by gguf.py)."""
+        """Rows already in this layout (GGUF's Q4_0, Q4_1, Q8_0 blocks, split by gguf_file.blocks),
+        each part (rows, ...) of the same values in order: a strided view of the file's blocks
+        is copied straight in, with no contiguous copy on the way."""
         pick = self._pick(index)
         r0, r1 = rows or (0, self.N)
         for name, v in parts.items():
-            pick(getattr(self, name))[r0:r1] = v
+            pick(getattr(self, name))[r0:r1].view(v.shape).copy_(v)
 
     def finish(self):   # nothing to repack: rows are stored as the kernels read them
         pass
@@ -251,8 +253,8 @@ class QExperts(Packed):
 
 
 class QEmbedding(nn.Module):
-    """A tied embedding whose table is the int8 head's: row v = q[v] * d[v] (the head is
-    quantized along its input, per vocabulary row, so a row dequantizes alone)."""
+    """A tied embedding whose table is the quantized head's: row v dequantized alone (the head is
+    quantized along its input, per vocabulary row). int8 (q[v] * d[v]), or a GGUF file's int4 rows."""
 
     def __init__(self, head: QLinear, dtype_ref: torch.Tensor):
         super().__init__()
@@ -263,28 +265,39 @@ class QEmbedding(nn.Module):
         h, dtype = self.head, self.ref.dtype
         if not h.kernel:
             return h.weight[ids].to(dtype)
-        q, d = h.qweight[ids], h.scales[ids]                    # (..., K), (..., K/G)
-        w = q.view(*q.shape[:-1], d.shape[-1], -1).float() * d.float()[..., None]
-        return w.flatten(-2).to(dtype)
+        flat = ids.reshape(-1)
+        q, d = h.qweight[flat], h.scales[flat]                  # (n, K) or (n, K/2), (n, K/G)
+        if h.scheme.bits == 8:
+            w = dequantize_int8(q, d, dtype)
+        else:
+            w = dequantize_int4(cpu_gemv.unpack_int4(q), d, h.mins[flat], dtype)
+        return w.view(*ids.shape, h.K)
 
 
 HEAD = Scheme(8)   # the head is int8 whatever the scheme (README "Quantization": measured)
 
 
-def quantize_modules(model: nn.Module, scheme: Scheme, Linear: type):
+def quantize_modules(model: nn.Module, scheme: Scheme | None, Linear: type, schemes: dict | None = None):
     """Replace a Decoder's projections by quantized ones (on the meta device, before allocation):
     every `Linear` (layers.Linear, passed in: layers -> config -> quant would be an import circle),
-    the MoE experts' stacked weights, a tied embedding (see QEmbedding)."""
+    the MoE experts' stacked weights, a tied embedding (see QEmbedding). `schemes`: per module
+    (core names: 'layers.0.attn.qkv', 'layers.1.mlp.experts_down', 'head'), what a GGUF file's
+    blocks are (gguf.py); the others take `scheme` (the head HEAD), or stay as they are (None)."""
+    schemes = schemes or {}
+    pick = lambda name, default: schemes.get(name, default)  # noqa: E731
     for name, m in list(model.named_modules()):
+        prefix = f"{name}." if name else ""
         for child_name, child in list(m.named_children()):
             if isinstance(child, Linear):
-                setattr(m, child_name, QLinear(child, HEAD if child is model.head else scheme))
+                s = pick(prefix + child_name, (HEAD if child is model.head else scheme) if scheme else None)
+                if s is not None:
+                    setattr(m, child_name, QLinear(child, s))
         for p in ("experts_gate_up", "experts_down"):
-            if isinstance(getattr(m, p, None), nn.Parameter):
+            if isinstance(getattr(m, p, None), nn.Parameter) and (s := pick(prefix + p, scheme)) is not None:
                 E, N, K = getattr(m, p).shape
                 delattr(m, p)
-                setattr(m, p, QExperts((E,), N, K, scheme))
-    if model.cfg.tie_embeddings:
+                setattr(m, p, QExperts((E,), N, K, s))
+    if model.cfg.tie_embeddings and isinstance(model.head, QLinear):
         model.embed = QEmbedding(model.head, model.embed.weight)
 
 

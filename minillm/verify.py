@@ -294,7 +294,7 @@ def _report(llm: LLM, rows: list[dict], source: str, tol: float) -> VerifyReport
     top1 = sum(r.pop("top1_matches") for r in rows) / positions
     greedy = [r["greedy_match"] for r in rows if r["greedy_match"] is not None]
     greedy_agreement = sum(greedy) / len(greedy) if greedy else None
-    dtype, scheme = llm.dtype, quant.parse(llm.model.run.quantize)
+    dtype, q, scheme = llm.dtype, llm.model.run.quantize, llm.model.run.scheme   # a GGUF's blocks as stored: exact
     if scheme or dtype in HALF_THRESHOLDS:
         th = dict(QUANT_THRESHOLDS[scheme.bits] if scheme else HALF_THRESHOLDS[dtype])
         passed = kl <= th["kl"] and top1 >= th["top1_agreement"]
@@ -304,7 +304,7 @@ def _report(llm: LLM, rows: list[dict], source: str, tol: float) -> VerifyReport
     for r in rows:
         r.pop("max_abs_ref")
     return VerifyReport(bool(passed), max_diff, kl, top1, greedy_agreement, max_ref, th,
-                        str(dtype).removeprefix("torch.") + (f" {scheme.name}" if scheme else ""),
+                        str(dtype).removeprefix("torch.") + (f" {q}" if q else ""),
                         source, str(llm.path), rows)
 
 

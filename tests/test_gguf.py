@@ -343,7 +343,8 @@ def test_tokenizer_metadata_bos_and_chat_template(tmp_path, files):
 
 def test_quantized_blocks_equal_ggufs_dequantization(tmp_path):
     """Every listed block type, each in its own tensor of a 2-layer llama, lands where it belongs
-    (q/k un-permuted) with exactly gguf's dequantized values."""
+    (q/k un-permuted) with exactly gguf's dequantized values (quantize="none": all dequantized;
+    test_gguf_packed.py loads the Q4_0/Q4_1/Q8_0 ones as stored)."""
     from minillm.gguf_file import GGUFFile
     src = tiny("llama-quant", tmp_path / "src")
     hf = json.loads((src / "config.json").read_text())
@@ -352,7 +353,7 @@ def test_quantized_blocks_equal_ggufs_dequantization(tmp_path):
     qtypes = {n: kinds[i % len(kinds)] for i, n in enumerate(names)}
     assert set(qtypes.values()) == set(kinds)
     file = convert(src, tmp_path / "q.gguf", "llama", qtypes=qtypes)
-    f, llm = GGUFFile(file), minillm.load(file, device="cpu")
+    f, llm = GGUFFile(file), minillm.load(file, device="cpu", quantize="none")
     params = dict(llm.model.named_parameters())
     H, KV, D = 4, 2, 64
     for name in names:

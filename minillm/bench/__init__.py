@@ -210,10 +210,10 @@ def scheme(model, path: Path) -> str:
             if ft not in ("F32", "F16", "BF16"):
                 text += f"; the file's {ft} blocks dequantized"
         return text + ")"
-    s = quant.parse(q)
-    summary = quant.summary(model)
-    text = ("weights int8 symmetric per output channel" if s.bits == 8 else
-            f"weights int4 asymmetric in groups of {s.group} ({q})") + ", head int8"
+    s, summary = model.run.scheme, quant.summary(model)
+    text = ("weights int8 symmetric per output channel" if s and s.bits == 8 else
+            f"weights int4 asymmetric in groups of {s.group} ({q})" if s else
+            f"weights {q}: the file's own blocks on the weight-only kernels") + (", head int8" if s else "")
     if summary["dequantized_layers"]:
         text += f", {summary['dequantized_layers']} layers dequantized (a shape the kernel cannot take)"
     held = ", ".join(f"{k} {mib(v)}" for k, v in sorted(summary["bytes_by_type"].items(), key=lambda kv: -kv[1]))

@@ -85,7 +85,7 @@ def measure_cold_start(system, path, device, dtype, backend, threads, quantize=N
     if system == "ours":
         args = [sys.executable, "-m", "minillm.cli", "generate", "-m", str(path), PROMPT, "-n", "1",
                 "--temperature", "0", "--device", str(device), "--dtype", dt, "--backend", backend,
-                *(["--quantize", quantize] if quantize else [])]
+                "--quantize", quantize or "none"]
     elif system == "llama.cpp":
         from .llamacpp import COLD_SCRIPT
         args = [sys.executable, "-c", COLD_SCRIPT, str(path), str(threads), PROMPT]

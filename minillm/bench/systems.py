@@ -24,7 +24,8 @@ class Ours:
 
     def __init__(self, path, device, dtype, backend, quantize=None):
         from ..api import load
-        self.llm = load(path, device=device, dtype=dtype, backend=backend, quantize=quantize)
+        # unquantized means dequantized, for a GGUF file too (load's default keeps its Q4/Q8 blocks)
+        self.llm = load(path, device=device, dtype=dtype, backend=backend, quantize=quantize or "none")
         self.model, self.device = self.llm.model, self.llm.device
 
     def prepare(self, ids: torch.Tensor, new: int):
