@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import hf, quant
+from . import hf
 from .api import LLM, load
 from .errors import UsageError
 from .locate import LoadError

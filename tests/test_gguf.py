@@ -473,6 +473,16 @@ def test_smollm2_q4_1_against_transformers_gguf_reader(smollm2, monkeypatch):
         want = ref(ids).logits[0]
     ours = llm.logits(ids)[0]
     assert (ours - want).abs().max() <= 1e-4 * want.abs().max()
+    # loaded as stored (test_gguf_packed.py): every projection the file's Q4_1 blocks, the tied head
+    # (token_embd) its Q8_0 ones; greedy as transformers' on the dequantized file
+    from minillm import quant
+    packed = {n: m.scheme.name for n, m in llm.model.named_modules() if isinstance(m, quant.Packed)}
+    assert packed.pop("head") == "int8:g32" and isinstance(llm.model.embed, quant.QEmbedding)
+    assert len(packed) == 4 * llm.config.num_layers and set(packed.values()) == {"int4:g32"}
+    assert llm.model.run.quantize == "as stored (Q4_1, Q8_0)"
+    with torch.no_grad():
+        greedy = ref.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert llm.generate(ids[0].tolist(), max_new_tokens=6, temperature=0).token_ids == greedy
     # the chat template from the metadata renders as transformers renders it, and answers sensibly
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     assert llm.apply_chat_template(messages) == tok.apply_chat_template(messages, tokenize=False,
