@@ -100,9 +100,9 @@ def _stored(f: GGUFFile, cfg, adapter) -> dict[str, set]:
         if not isinstance(dests, list):
             continue
         s = STORED.get(f.type_name(name))
-        for d in dests:
-            if not d.param.endswith(".bias"):
-                parts.setdefault(d.param.removesuffix(".weight"), set()).add(s if moves_rows(d, f.shapes[name]) else None)
+        for d in (d for d in dests if not d.param.endswith(".bias")):
+            module = d.param.removesuffix(".weight")
+            parts.setdefault(module, set()).add(s if moves_rows(d, f.shapes[name]) else None)
     if cfg.tie_embeddings:
         parts["head"] = parts.get("embed", {None})
     return parts

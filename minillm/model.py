@@ -135,7 +135,7 @@ class Decoder(nn.Module):
         """After allocating on the meta device: recompute what is derived, not loaded."""
         if self.cfg.pos == "rope":
             self.rotary.reset(self.device)
-        if self.cfg.tie_embeddings and not isinstance(self.embed, quant.QEmbedding):   # to_empty() gives each module its own tensor: tie again
+        if self.cfg.tie_embeddings and not isinstance(self.embed, quant.QEmbedding):   # to_empty() untied them
             self.head.weight = self.embed.weight
 
     def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:

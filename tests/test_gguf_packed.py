@@ -96,6 +96,29 @@ def test_packed_logits_equal_the_dequantized_load(qfile):
     out = packed.generate(ids[0].tolist(), max_new_tokens=6, temperature=0)   # cached decoding = the full forward
     full = packed.logits([ids[0].tolist() + out.token_ids[:-1]])[0, -6:].argmax(-1).tolist()
     assert full == out.token_ids == dense.generate(ids[0].tolist(), max_new_tokens=6, temperature=0).token_ids
+    rep = minillm.verify(file, prompts=["def fib(n):"], new_tokens=4)   # exact: judged as fp32 is
+    assert rep.passed and rep.dtype == "float32 as stored (Q4_0, Q4_1, Q8_0)" and "tol" in rep.thresholds
+
+
+def test_deepseek_stacked_experts_as_stored(tmp_path):
+    """Stacked experts (whole and per expert rows), MLA's projections; a mixed gate/up dequantized."""
+    src = tiny("deepseek-v2-lite", tmp_path / "src")
+    hf = json.loads((src / "config.json").read_text())
+    kinds = {"blk.0": Q.Q4_1, "blk.1": Q.Q4_0, "blk.2": Q.Q8_0}
+    qtypes = {n: kinds.get(n[:5], Q.Q8_0) for n, t in converted_tensors(src, "deepseek2", hf)
+              if t.dim() >= 2 and t.shape[-1] % 32 == 0 and "ffn_gate_inp" not in n}
+    qtypes["blk.2.ffn_up_shexp.weight"] = Q.Q4_0
+    file = convert(src, tmp_path / "q.gguf", "deepseek2", qtypes=qtypes)
+    llm, dense = minillm.load(file, device="cpu"), minillm.load(file, device="cpu", quantize="none")
+    got = {n: m.scheme.name for n, m in llm.model.named_modules() if isinstance(m, quant.Packed)}
+    for name in ("layers.1.mlp.experts_gate_up", "layers.1.mlp.experts_down", "layers.1.mlp.shared.gate_up"):
+        assert got[name] == "int4:g32", name
+    assert got["layers.2.mlp.experts_gate_up"] == got["layers.2.mlp.experts_down"] == "int8:g32"
+    assert got["layers.0.attn.q"] == got["layers.0.mlp.gate_up"] == "int4:g32" and got["head"] == "int8:g32"
+    assert "layers.2.mlp.shared.gate_up" not in got and "layers.2.mlp.shared.down" in got
+    ids = torch.randint(3, 300, (1, 20), generator=torch.Generator().manual_seed(3))
+    a, b = llm.logits(ids), dense.logits(ids)
+    assert (a - b).abs().max() <= 1e-5 * b.abs().max()
 
 
 def test_quantize_int4_keeps_q4_blocks_int8_requantizes(qfile):
@@ -116,17 +139,21 @@ def test_quantize_int4_keeps_q4_blocks_int8_requantizes(qfile):
 
 def test_tied_head_stored_q8_0_and_info(tmp_path):
     """A tied token_embd in Q8_0 (as SmolLM2's Q4_1 file): the head is int8:g32 packed and the
-    embedding reads its rows; Q4_0 tied: int4 rows. info reports bytes by type as loaded."""
+    embedding reads its rows; Q4_0 tied: int4 rows; F32: a float head, still tied. info reports
+    bytes by type as loaded."""
     src = tiny("llama-gqa-tied-llama3", tmp_path / "src")
     hf = json.loads((src / "config.json").read_text())
     names = [n for n, t in converted_tensors(src, "llama", hf) if t.dim() == 2]
     ids = torch.tensor([[1, 17, 200, 33, 5, 99, 250, 7]])
-    for emb in (Q.Q8_0, Q.Q4_0):
+    for emb in (Q.F32, Q.Q8_0, Q.Q4_0):
         qtypes = {n: emb if n == "token_embd.weight" else Q.Q4_1 for n in names}
         file = convert(src, tmp_path / f"{emb.name}.gguf", "llama", qtypes=qtypes)
         llm, dense = minillm.load(file, device="cpu"), minillm.load(file, device="cpu", quantize="none")
-        scheme = "int8:g32" if emb == Q.Q8_0 else "int4:g32"
-        assert isinstance(llm.model.embed, quant.QEmbedding) and llm.model.head.scheme.name == scheme
+        if emb == Q.F32:                                   # a float head stays tied to the float embedding
+            assert llm.model.head.weight is llm.model.embed.weight and llm.model.layers[0].attn.qkv.kernel
+        else:
+            scheme = "int8:g32" if emb == Q.Q8_0 else "int4:g32"
+            assert isinstance(llm.model.embed, quant.QEmbedding) and llm.model.head.scheme.name == scheme
         assert torch.equal(llm.model.embed(ids), dense.model.embed(ids))
         a, b = llm.logits(ids), dense.logits(ids)
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
