@@ -3,7 +3,7 @@ verify's default prompts plus 16 greedy tokens: `python examples/quant_quality.p
 import sys, torch, minillm
 from minillm.verify import DEFAULT_PROMPTS
 path = sys.argv[1]
-ref = minillm.load(path, device="cpu")
+ref = minillm.load(path, device="cpu", quantize="none")   # a GGUF file too: every tensor in float
 seqs = []
 for p in DEFAULT_PROMPTS:
     ids = ref.encode(p) if ref.tokenizer else torch.randint(3, ref.config.vocab_size, (40,), generator=torch.Generator().manual_seed(len(p))).tolist()
