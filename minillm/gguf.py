@@ -141,20 +141,23 @@ def raw(f: GGUFFile, name: str, cfg, adapter, params: dict) -> bool:
                 and params[d.param].kernel and moves_rows(d, f.shapes[name]) for d in dests))
 
 
-def _fill_raw(dest: quant.Packed, d: archs.Target, t: torch.Tensor, kind: str, name: str, seen: dict) -> int:
-    """As loader._fill, for rows of blocks (t: uint8 (*rows, bytes)); -> the number of values filled."""
+def _fill_raw(dest: quant.Packed, d: archs.Target, t: torch.Tensor, kind: str, name: str, shape: tuple,
+              seen: dict) -> int:
+    """As loader._fill, for rows of blocks (t: uint8 (*rows, bytes) of a tensor of this shape in
+    values); -> the number of values filled."""
     key = (d.param, d.index, d.rows)
     if key in seen:
         raise LoadError(f"tensors {seen[key]!r} and {name!r} both fill the same place ({d.param})")
     seen[key] = name
-    shape = tuple(t.shape)
-    t = d.transform(t) if d.transform is not None else t
     lead = tuple(dest.shape[:-2]) if d.index is None else ()      # a whole stack of experts
     r0, r1 = d.rows or (0, dest.N)
     want = (*lead, min(r1, dest.N) - r0, dest.K // 32 * BLOCKS[kind][2])
-    if tuple(t.shape) != want:
-        raise LoadError(f"tensor {name!r} has {shape[-1]}-byte rows {shape[:-1]}, expected {want[:-1]} rows of "
-                        f"{want[-1]} bytes")
+    try:
+        t = d.transform(t) if d.transform is not None else t
+    except (RuntimeError, IndexError):       # an un-permute or per-head split cannot take these rows
+        t = None
+    if t is None or tuple(t.shape) != want:
+        raise LoadError(f"tensor {name!r} has shape {shape}, expected {(*want[:-1], dest.K)}")
     for e, rows in (enumerate(t) if lead else [(d.index, t)]):
         dest.fill_raw(e, d.rows, blocks(rows, kind))
     return math.prod(want[:-1]) * dest.K
@@ -178,7 +181,7 @@ def load_weights(model, adapter, f: GGUFFile, progress: bool | None = None):
         if raw(f, name, cfg, adapter, params):    # the file's own blocks, as they are
             t, kind = f.read_raw(name), f.type_name(name)
             for d in dests:
-                filled[d.param] += _fill_raw(params[d.param], d, t, kind, name, seen)
+                filled[d.param] += _fill_raw(params[d.param], d, t, kind, name, f.shapes[name], seen)
             continue
         w = f.read(name)
         for d in dests:

@@ -196,3 +196,15 @@ def test_packed_load_memory(tmp_path):
     # on top of the packed bytes: what the load imports and one tensor's rows in flight (8 MiB measured)
     assert got[""]["growth"] < got[""]["bytes"] + 32 * 2**20 and got[""]["growth"] < fp32 / 2, got
     assert got["none"]["growth"] > fp32 * 0.9, got          # the float load does hold the float weights
+
+
+@pytest.mark.parametrize("shape", [(128, 256), (256, 128)])
+def test_misshaped_blocks_are_one_line_errors(tmp_path, shape):
+    src = tiny("llama-quant", tmp_path / "src")
+    qtypes = {"blk.0.attn_q.weight": Q.Q8_0, "blk.0.attn_k.weight": Q.Q8_0, "blk.0.attn_v.weight": Q.Q8_0}
+    file = convert(src, tmp_path / "bad.gguf", "llama", qtypes=qtypes,
+                   edit=lambda t: t.update({"blk.0.attn_q.weight": torch.zeros(shape)}))
+    with pytest.raises(minillm.loader.LoadError) as e:
+        minillm.load(file, device="cpu")
+    assert str(e.value) == f"tensor 'blk.0.attn_q.weight' has shape {shape}, expected (256, 256)"
+
