@@ -158,6 +158,47 @@ ALWAYS void row_f32(const int M, int64_t n, int64_t K, const float *x, const flo
     store(M, acc, 0, y, ldy, n);
 }
 
+/* int8 and int4 weights with fp32 activations ("exact": the product of x with the dequantized
+   weight, to fp32 rounding; what an as-stored GGUF file runs, so that it equals transformers'
+   reading of the file). The weights are widened to fp32 in registers; compute-bound, ~1.4x slower
+   than the integer products below. int4: sum_k x_k (q_k d + m) = d sum_k x_k q_k + m sum_k x_k,
+   the group sums of x (xsum, (M, K/G)) computed once per call. */
+ALWAYS void row_int8_fx(const int M, int64_t n, int64_t K, int64_t G, const float *x, const int8_t *q,
+                        const _Float16 *d, float *y, int64_t ldy) {
+    V acc[M][2];
+    ZERO(acc);
+    const int8_t *qr = q + n * K;
+    const _Float16 *dr = d + n * (K / G);
+    for (int64_t g = 0; g < K / G; g++) {                    /* a group: one scale */
+        V scale = v_set((float)dr[g]);
+        for (int64_t k = g * G; k < (g + 1) * G; k += 32)
+            block(M, acc, x, K, k, v_mul(scale, v_int8(qr + k)), v_mul(scale, v_int8(qr + k + 16)));
+    }
+    store(M, acc, 0, y, ldy, n);
+}
+
+ALWAYS void row_int4_fx(const int M, int64_t n, int64_t K, int64_t G, const float *x, const float *xsum,
+                        const uint8_t *q, const _Float16 *d, const _Float16 *mins, float *y, int64_t ldy) {
+    V acc[M][2];
+    float extra[M];
+    ZERO(acc);
+    const int64_t groups = K / G;
+    const uint8_t *qr = q + n * (K / 2);
+    const _Float16 *dr = d + n * groups, *mr = mins + n * groups;
+    for (int64_t g = 0; g < groups; g++) {
+        V scale = v_set((float)dr[g]);
+        for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+            const uint8_t *b = qr + k / 2;
+            block(M, acc, x, K, k, v_mul(scale, v_nibbles(b, 0)), v_mul(scale, v_nibbles(b, 1)));
+        }
+    }
+    for (int m = 0; m < M; m++) {
+        extra[m] = 0.0f;
+        for (int64_t g = 0; g < groups; g++) extra[m] += (float)mr[g] * xsum[m * groups + g];
+    }
+    store(M, acc, extra, y, ldy, n);
+}
+
 /* -- int8 and int4 weights: integer dot products, as llama.cpp's Q8_0 x Q4_0 / Q4_1 --------------
    Widening every weight to fp32 costs more than reading it: these products are compute-bound in
    fp32 (int4 ~10 G weights/s per core here). So x is quantized too, once per call, to int8 in
@@ -167,7 +208,8 @@ ALWAYS void row_f32(const int M, int64_t n, int64_t K, const float *x, const flo
        y = sum_blocks d dx sum_j q_j xq_j   (+ for int4: sum_groups m sum_{k in group} dx xq_k)
    The error this adds is x's rounding, ~0.4% of a block's largest |x| per value (random signs).
    A prefill (quant.Packed.mm, more rows) multiplies the same rounded x, as floats, with the
-   dequantized weight: cached decoding computes what a full forward does. */
+   dequantized weight: cached decoding computes what a full forward does. This is what
+   `--quantize int8|int4` runs (its quality is measured against fp32 either way). */
 #if defined(__AVX2__) && defined(__FMA__)
 typedef __m256i I8x32;
 ALWAYS I8x32 i8_load(const int8_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
@@ -277,6 +319,19 @@ void gemv_f32(int M, int64_t N, int64_t K, const float *x, const float *w, float
               int64_t ldy, int threads) {
     if (M < 1 || M > MAX_ROWS) return;
     DISPATCH(row_f32, K, x, w, y, ldy)
+}
+
+void gemv_int8_fx(int M, int64_t N, int64_t K, int64_t G, const float *x, const int8_t *q,
+                  const _Float16 *d, float *y, int64_t ldy, int threads) {
+    if (M < 1 || M > MAX_ROWS) return;
+    DISPATCH(row_int8_fx, K, G, x, q, d, y, ldy)
+}
+
+void gemv_int4_fx(int M, int64_t N, int64_t K, int64_t G, const float *x, const float *xsum,
+                  const uint8_t *q, const _Float16 *d, const _Float16 *mins, float *y, int64_t ldy,
+                  int threads) {
+    if (M < 1 || M > MAX_ROWS) return;
+    DISPATCH(row_int4_fx, K, G, x, xsum, q, d, mins, y, ldy)
 }
 
 void gemv_int8(int M, int64_t N, int64_t K, int64_t G, const float *x, const int8_t *q,

@@ -11,7 +11,8 @@ another -march (the tests build x86-64-v3, AVX2 without VNNI, and x86-64, the pl
     gemv(x, w)                      x (M, K) fp32 @ w.T, w (N, K) bf16 or fp32   -> (M, N) fp32
     gemv_int8(x, q, d)              q (N, K) int8, d (N, K/G) fp16               -> (M, N) fp32
     gemv_int4(x, q, d, m)           q (N, K/2) uint8 (llama.cpp's Q4 block order), d, m (N, K/G) fp16
-                                    (both with x rounded to int8 per 32 values: gemv_int*_ref)
+                                    (round_x=True: x rounded to int8 per 32 values, integer
+                                    products, gemv_int*_ref; False: fp32 x, widened weights)
     dequant_int8(q, d, out) / dequant_int4(q, d, m, out)        into out (N, K), fp32 or bf16
 M <= 8 rows (more: call again per 8 rows, or dequantize and use a matmul), K % 32 == 0.
 """
@@ -84,6 +85,8 @@ def _lib():
     lib.gemv_bf16.argtypes = lib.gemv_f32.argtypes = [i, L, L, p, p, p, L, i]
     lib.gemv_int8.argtypes = [i, L, L, L, p, p, p, p, L, i]
     lib.gemv_int4.argtypes = [i, L, L, L, p, p, p, p, p, L, i]
+    lib.gemv_int8_fx.argtypes = [i, L, L, L, p, p, p, p, L, i]
+    lib.gemv_int4_fx.argtypes = [i, L, L, L, p, p, p, p, p, p, L, i]
     lib.dequant_int8.argtypes = [L, L, L, p, p, p, i, i]
     lib.dequant_int4.argtypes = [L, L, L, p, p, p, p, i, i]
     f = ctypes.c_float
@@ -103,57 +106,68 @@ def why_not() -> str | None:
     return _error
 
 
-def _ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()
+def f32(x: torch.Tensor) -> torch.Tensor:
+    """x as the loops take it: fp32, contiguous (no op when it already is)."""
+    return x if x.dtype is torch.float32 and x.is_contiguous() else x.float().contiguous()
 
 
-def _check(x: torch.Tensor, K: int):
-    assert x.dtype == torch.float32 and x.is_contiguous() and x.dim() == 2 and x.shape[1] == K, x.shape
-    assert 1 <= x.shape[0] <= MAX_ROWS and K % 32 == 0, (x.shape, K)   # the C side does nothing else
+def _rows(x: torch.Tensor, K: int) -> int:
+    """x (..., K) fp32 contiguous, 1..8 rows in all -> the number of rows."""
+    M = x.numel() // K if x.shape[-1] == K else 0
+    assert x.dtype is torch.float32 and x.is_contiguous() and 1 <= M <= MAX_ROWS and K % 32 == 0, (x.shape, K)
+    return M   # the C side checks nothing
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (..., K) @ w.T -> (..., N) fp32; w (N, K) bf16 or fp32, contiguous."""
     N, K = w.shape
-    _check(x, K)
+    M = _rows(x, K)
     assert w.is_contiguous() and w.dtype in (torch.bfloat16, torch.float32)
-    y = torch.empty(x.shape[0], N)
-    fn = _lib().gemv_bf16 if w.dtype == torch.bfloat16 else _lib().gemv_f32
-    fn(x.shape[0], N, K, _ptr(x), _ptr(w), _ptr(y), N, torch.get_num_threads())
+    y = x.new_empty(*x.shape[:-1], N)
+    fn = _lib().gemv_bf16 if w.dtype is torch.bfloat16 else _lib().gemv_f32
+    fn(M, N, K, x.data_ptr(), w.data_ptr(), y.data_ptr(), N, torch.get_num_threads())
     return y
 
 
-def gemv_int8(x, q, d) -> torch.Tensor:
+def gemv_int8(x, q, d, round_x: bool = True) -> torch.Tensor:
+    """round_x: x rounded to int8 per 32 values, integer products (gemv_int8_ref); else fp32 x
+    times the dequantized weight."""
     N, K = q.shape
-    _check(x, K)
-    y = torch.empty(x.shape[0], N)
-    _lib().gemv_int8(x.shape[0], N, K, K // d.shape[1], _ptr(x), _ptr(q), _ptr(d), _ptr(y), N,
-                     torch.get_num_threads())
+    M = _rows(x, K)
+    y = x.new_empty(*x.shape[:-1], N)
+    fn = _lib().gemv_int8 if round_x else _lib().gemv_int8_fx
+    fn(M, N, K, K // d.shape[1], x.data_ptr(), q.data_ptr(), d.data_ptr(), y.data_ptr(), N, torch.get_num_threads())
     return y
 
 
-def gemv_int4(x, q, d, m) -> torch.Tensor:
+def gemv_int4(x, q, d, m, round_x: bool = True) -> torch.Tensor:
     N, K = q.shape[0], 2 * q.shape[1]
-    _check(x, K)
-    y = torch.empty(x.shape[0], N)
-    _lib().gemv_int4(x.shape[0], N, K, K // d.shape[1], _ptr(x), _ptr(q), _ptr(d), _ptr(m), _ptr(y),
-                     N, torch.get_num_threads())
+    M = _rows(x, K)
+    y = x.new_empty(*x.shape[:-1], N)
+    G, t = K // d.shape[1], torch.get_num_threads()
+    if round_x:
+        _lib().gemv_int4(M, N, K, G, x.data_ptr(), q.data_ptr(), d.data_ptr(), m.data_ptr(), y.data_ptr(), N, t)
+    else:
+        xsum = x.view(M, -1, G).sum(-1)                                           # (M, K/G)
+        _lib().gemv_int4_fx(M, N, K, G, x.data_ptr(), xsum.data_ptr(), q.data_ptr(), d.data_ptr(),
+                            m.data_ptr(), y.data_ptr(), N, t)
     return y
 
 
 def _out(out, N, K):
     assert out.shape == (N, K) and out.is_contiguous() and out.dtype in (torch.float32, torch.bfloat16)
-    return _ptr(out), int(out.dtype == torch.float32)
+    return out.data_ptr(), int(out.dtype == torch.float32)
 
 
 def dequant_int8(q, d, out: torch.Tensor) -> torch.Tensor:
     N, K = q.shape
-    _lib().dequant_int8(N, K, K // d.shape[1], _ptr(q), _ptr(d), *_out(out, N, K), torch.get_num_threads())
+    _lib().dequant_int8(N, K, K // d.shape[1], q.data_ptr(), d.data_ptr(), *_out(out, N, K), torch.get_num_threads())
     return out
 
 
 def dequant_int4(q, d, m, out: torch.Tensor) -> torch.Tensor:
     N, K = q.shape[0], 2 * q.shape[1]
-    _lib().dequant_int4(N, K, K // d.shape[1], _ptr(q), _ptr(d), _ptr(m), *_out(out, N, K),
+    _lib().dequant_int4(N, K, K // d.shape[1], q.data_ptr(), d.data_ptr(), m.data_ptr(), *_out(out, N, K),
                         torch.get_num_threads())
     return out
 

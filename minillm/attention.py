@@ -92,15 +92,16 @@ class Step:
         norms: (q_norm, k_norm) weights or Nones."""
         H, Hkv, D = heads
         n = qkv.numel() // qkv.shape[-1]                               # one new token per sequence
-        x = qkv.reshape(n, -1).float().contiguous()                   # (n, (H + 2 Hkv) D) fp32
+        x = cpu_decode.f32(qkv.reshape(n, -1))                        # (n, (H + 2 Hkv) D) fp32
         if rope is not None and self._rope is None:                    # (n, D) fp32, once a step
-            self._rope = tuple(t.reshape(n, D).float().contiguous() for t in rope)
+            self._rope = tuple(cpu_decode.f32(t.reshape(n, D)) for t in rope)
         cos, sin = self._rope or (None, None)
         k, v, write, read, lens = self.decode_rows(layer)
-        norms = tuple(w if w is None else w.float() for w in norms)
+        norms = tuple(w if w is None else cpu_decode.f32(w) for w in norms)
         cpu_decode.qkv_store(x, H, Hkv, cos, sin, k, v, write, *norms, eps)
         o = cpu_decode.attend_decode(x.view(n, -1, D)[:, :H], k, v, read, lens, scale)   # (n, H, D)
-        return o.view(*qkv.shape[:-1], H * D).to(qkv.dtype)
+        o = o.view(*qkv.shape[:-1], H * D)
+        return o if qkv.dtype is torch.float32 else o.to(qkv.dtype)
 
 
 def cpu_decoding(q: torch.Tensor, step: Step | None = None) -> bool:

@@ -79,10 +79,10 @@ def onednn_linear(x, w, b=None):
 
 def loops_linear(x, w, b=None):
     """kernels/cpu_gemv.c's product for few rows: fp32 sums, the output in x's dtype."""
-    K = x.shape[-1]
     if x.numel() == 0:
         return F.linear(x, w, b)
-    y = cpu_gemv.gemv(x.reshape(-1, K).float().contiguous(), w).to(x.dtype).view(*x.shape[:-1], -1)
+    y = cpu_gemv.gemv(cpu_gemv.f32(x), w)
+    y = y if x.dtype is torch.float32 else y.to(x.dtype)
     return y + b if b is not None else y
 
 

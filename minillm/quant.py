@@ -15,11 +15,14 @@ checkpoint tensor into its rows as it arrives: a fused qkv or gate_up needs no s
 the full-precision weights are never in memory at once.
 
 Products (Packed.mm): on CPU, up to 8 rows (decode, small batches) run minillm's own loops
-(kernels/cpu_gemv.c): as llama.cpp, the activations are rounded to int8 in blocks of 32 and each
-block's product is an integer dot product (VNNI or AVX2), scaled in fp32. More rows (prefill)
-multiply the same rounded activations, as floats, with the weight dequantized into a scratch
-buffer in the activations' dtype (torch's matmul: oneDNN/AMX for bf16, compute-bound there), so
-cached decoding computes what a full forward does. PyTorch's own weight-only CPU kernels
+(kernels/cpu_gemv.c). With `--quantize` (round_x), as llama.cpp, the activations are rounded to
+int8 in blocks of 32 and each block's product is an integer dot product (VNNI or AVX2), scaled in
+fp32: ~1.4x faster than widening int4 weights to fp32, and the error it adds is measured with the
+weights' (README "Quantization"). A GGUF file's blocks as stored, unasked, keep fp32 activations
+(the file's weights exactly: transformers' numbers). More rows (prefill) multiply the same
+(rounded or not) activations, as floats, with the weight dequantized into a scratch buffer in the
+activations' dtype (torch's matmul: oneDNN/AMX for bf16, compute-bound there), so cached decoding
+computes what a full forward does. PyTorch's own weight-only CPU kernels
 (_weight_int8pack_mm, _weight_int4pack_mm_for_cpu) were the first version: at one row they ran
 ~2x slower than the loops here, and want bf16 activations. Without a C compiler, and on CUDA,
 the product dequantizes in torch (correct, not fast; int8 on CUDA: gpt-fast's cast + matmul). A
@@ -133,6 +136,7 @@ class Packed(nn.Module):
     other shapes: weight (*lead, N, K) in the model dtype, dequantized (kernel_takes says no)
     """
     kept_dtypes = {"scales": SCALE_DTYPE, "mins": SCALE_DTYPE}   # loader.build keeps these
+    round_x = True   # decode products round x to int8 per 32 (integer dot products); False: fp32 x
 
     def __init__(self, lead: tuple[int, ...], N: int, K: int, scheme: Scheme):
         super().__init__()
@@ -208,16 +212,21 @@ class Packed(nn.Module):
         q, d = pick(self.qweight), pick(self.scales)
         m = pick(self.mins) if self.scheme.bits == 4 else None
         if x.is_cpu and cpu_gemv.available():
-            if 0 < x.shape[0] <= cpu_gemv.MAX_ROWS:     # decode: the weights widened in registers
-                xf = x.float().contiguous()
-                y = cpu_gemv.gemv_int8(xf, q, d) if m is None else cpu_gemv.gemv_int4(xf, q, d, m)
-                return y.to(x.dtype)
+            if 0 < x.shape[0] <= cpu_gemv.MAX_ROWS:     # decode: integer dot products
+                return self._gemv(x, q, d, m)
             out = _scratch(self.N * self.K, x.dtype).view(self.N, self.K)   # prefill: a matmul
             cpu_gemv.dequant_int8(q, d, out) if m is None else cpu_gemv.dequant_int4(q, d, m, out)
-            return F.linear(cpu_gemv.round_x(x).to(x.dtype), out)   # x rounded as the decode rows round it
+            return F.linear(cpu_gemv.round_x(x).to(x.dtype) if self.round_x else x, out)   # x as decode rounds it
         if x.is_cuda and m is None and self.scheme.group == 0:   # gpt-fast's int8: the cast fuses under compile
             return F.linear(x, q.to(x.dtype)) * d[:, 0].to(x.dtype)
         return F.linear(x, self.dense(e, x.dtype))
+
+
+    def _gemv(self, x, q, d, m):
+        """x (..., K), 1..8 rows -> (..., N) in x's dtype, on kernels/cpu_gemv.c."""
+        xf, r = cpu_gemv.f32(x), self.round_x
+        y = cpu_gemv.gemv_int8(xf, q, d, r) if m is None else cpu_gemv.gemv_int4(xf, q, d, m, r)
+        return y if x.dtype is torch.float32 else y.to(x.dtype)
 
 
 _scratch_buffers: dict[tuple, torch.Tensor] = {}
@@ -241,7 +250,10 @@ class QLinear(Packed):
         self.bias = linear.bias
 
     def forward(self, x):
-        y = self.mm(x.reshape(-1, self.K)).view(*x.shape[:-1], self.N)   # the kernels take 2-D
+        if self.kernel and x.is_cpu and 0 < x.numel() <= cpu_gemv.MAX_ROWS * self.K and cpu_gemv.available():
+            y = self._gemv(x, self.qweight, self.scales, getattr(self, "mins", None))   # decode: no reshapes
+        else:
+            y = self.mm(x.reshape(-1, self.K)).view(*x.shape[:-1], self.N)          # the kernels take 2-D
         return y + self.bias if self.bias is not None else y
 
 
@@ -299,6 +311,11 @@ def quantize_modules(model: nn.Module, scheme: Scheme | None, Linear: type, sche
                 setattr(m, p, QExperts((E,), N, K, s))
     if model.cfg.tie_embeddings and isinstance(model.head, QLinear):
         model.embed = QEmbedding(model.head, model.embed.weight)
+    # asked for (scheme): llama.cpp's arithmetic, x rounded to int8 in the decode products (fast);
+    # a GGUF file's blocks as stored, unasked: the file's weights exactly, fp32 x (transformers' numbers)
+    for m in model.modules():
+        if isinstance(m, Packed):
+            m.round_x = scheme is not None
 
 
 def sinks(model: nn.Module) -> dict[str, Packed]:

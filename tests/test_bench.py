@@ -150,3 +150,21 @@ def test_bench_defaults_work_on_the_default_model(env):
     assert r.returncode == 0, r.stderr
     assert "skipped prompt length 512: + 64 new tokens exceeds the model's context of 512" in r.stderr
     assert "prefill tok/s, prompt 128" in r.stdout and "prompt 512" not in r.stdout
+
+
+def test_cpu_plan_probe_verdicts(monkeypatch, tmp_path):
+    """A clear winner in both probe runs is kept (in MINILLM_CACHE); a busy probe (over its time
+    budget) gives the dtype's default and keeps nothing, so the next process measures again."""
+    monkeypatch.delenv("MINILLM_CPU_PLAN", raising=False)
+    monkeypatch.setenv("MINILLM_CACHE", str(tmp_path))
+    file = tmp_path / "cpu-plans.json"
+    runs = iter([{}, {}])
+    monkeypatch.setattr(cpu, "measure", lambda dtype, deadline: next(runs))
+    cpu._plan.cache_clear()
+    assert cpu._plan(torch.bfloat16, 2) == cpu.default_plan(torch.bfloat16) and not file.exists()
+    fast = {p: 1.0 for p in cpu.PLANS} | {"blas-t": 0.5}
+    runs = iter([fast, fast])
+    cpu._plan.cache_clear()
+    assert cpu._plan(torch.float32, 2) == "blas-t"
+    assert "blas-t" in file.read_text()
+    cpu._plan.cache_clear()

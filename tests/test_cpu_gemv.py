@@ -55,6 +55,7 @@ def test_int8(M, G):
     x = torch.randn(M, K, generator=gen)
     got = g.gemv_int8(x, q, d)
     assert rel_err(got, g.gemv_int8_ref(x, q, d)) < 1e-5
+    assert rel_err(g.gemv_int8(x, q, d, round_x=False), g.gemv_ref(x, g.dequant_int8_ref(q, d))) < 1e-5
     # x's int8 rounding: within a percent of the float product, not more
     assert 1e-4 < rel_err(got, g.gemv_ref(x, g.dequant_int8_ref(q, d))) < 3e-2
     for dtype in (torch.float32, torch.bfloat16):
@@ -70,6 +71,7 @@ def test_int4(M, G):
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
     got = g.gemv_int4(x, q, d, m)
     assert rel_err(got, g.gemv_int4_ref(x, q, d, m)) < 1e-5
+    assert rel_err(g.gemv_int4(x, q, d, m, round_x=False), g.gemv_ref(x, g.dequant_int4_ref(q, d, m))) < 1e-5
     assert rel_err(got, g.gemv_ref(x, g.dequant_int4_ref(q, d, m))) < 3e-2   # x rounded to int8
     for dtype in (torch.float32, torch.bfloat16):
         out = g.dequant_int4(q, d, m, torch.empty(N, K, dtype=dtype))
