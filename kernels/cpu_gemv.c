@@ -270,43 +270,66 @@ static void quantize_x(int M, int64_t K, const float *x, int8_t *xq, float *dx, 
     }
 }
 
-ALWAYS void row_int8(const int M, int64_t n, int64_t K, int64_t G, const int8_t *xq, const float *dx,
-                     const int8_t *q, const _Float16 *d, float *y, int64_t ldy) {
-    F8 acc[M];
-    for (int m = 0; m < M; m++) acc[m] = f8_zero();
-    const int8_t *qr = q + n * K;
-    const _Float16 *dr = d + n * (K / G);
+/* The scale of each block of row n for each row of x: d[n, block's group] * dx[m, block], in a
+   (M, K/32) scratch, so that the block loop below has no division and no dependency but its sums. */
+ALWAYS void block_scales(const int M, int64_t K, int64_t G, const _Float16 *dr, const float *dx, float *s) {
+    const int64_t nb = K / 32, per = G / 32;
     for (int64_t g = 0; g < K / G; g++) {
-        float dw = (float)dr[g];
-        for (int64_t b = g * G / 32; b < (g + 1) * G / 32; b++) {
-            I8x32 w = i8_load(qr + 32 * b);
-            for (int m = 0; m < M; m++)
-                acc[m] = f8_fma(dot_ss(w, i8_load(xq + m * K + 32 * b)), dw * dx[m * (K / 32) + b], acc[m]);
-        }
+        const float dw = (float)dr[g];
+        for (int m = 0; m < M; m++)
+            for (int64_t b = g * per; b < (g + 1) * per; b++) s[m * nb + b] = dw * dx[m * nb + b];
     }
-    for (int m = 0; m < M; m++) y[m * ldy + n] = f8_sum(acc[m]);
 }
 
-ALWAYS void row_int4(const int M, int64_t n, int64_t K, int64_t G, const int8_t *xq, const float *dx,
-                     const float *xs, const uint8_t *q, const _Float16 *d, const _Float16 *mins,
-                     float *y, int64_t ldy) {
-    F8 acc[M];
-    float extra[M];
-    for (int m = 0; m < M; m++) acc[m] = f8_zero(), extra[m] = 0.0f;
-    const int64_t groups = K / G;
-    const uint8_t *qr = q + n * (K / 2);
-    const _Float16 *dr = d + n * groups, *mr = mins + n * groups;
-    for (int64_t g = 0; g < groups; g++) {
-        float dw = (float)dr[g], mw = (float)mr[g];
-        for (int64_t b = g * G / 32; b < (g + 1) * G / 32; b++) {
-            I8x32 w = q4_load(qr + 16 * b);
-            for (int m = 0; m < M; m++)
-                acc[m] = f8_fma(dot_us(w, i8_load(xq + m * K + 32 * b)), dw * dx[m * (K / 32) + b], acc[m]);
-        }
-        for (int m = 0; m < M; m++)
-            for (int64_t b = g * G / 32; b < (g + 1) * G / 32; b++) extra[m] += mw * xs[m * (K / 32) + b];
+/* Two blocks per step, into two accumulators per row of x: the FMA chains interleave. */
+#define BLOCK_LOOP(LOAD, DOT)                                                               \
+    int64_t b = 0;                                                                          \
+    for (; b + 1 < nb; b += 2) {                                                            \
+        I8x32 w0 = LOAD(b), w1 = LOAD(b + 1);                                               \
+        for (int m = 0; m < M; m++) {                                                       \
+            const int8_t *xm = xq + m * K;                                                  \
+            acc[m] = f8_fma(DOT(w0, i8_load(xm + 32 * b)), s[m * nb + b], acc[m]);          \
+            acc2[m] = f8_fma(DOT(w1, i8_load(xm + 32 * b + 32)), s[m * nb + b + 1], acc2[m]); \
+        }                                                                                   \
+    }                                                                                       \
+    if (b < nb) {                                                                           \
+        I8x32 w0 = LOAD(b);                                                                 \
+        for (int m = 0; m < M; m++)                                                         \
+            acc[m] = f8_fma(DOT(w0, i8_load(xq + m * K + 32 * b)), s[m * nb + b], acc[m]);  \
     }
-    for (int m = 0; m < M; m++) y[m * ldy + n] = f8_sum(acc[m]) + extra[m];
+
+ALWAYS void row_int8(const int M, int64_t n, int64_t K, int64_t G, const int8_t *xq, const float *dx,
+                     const int8_t *q, const _Float16 *d, float *y, int64_t ldy) {
+    const int64_t nb = K / 32;
+    F8 acc[M], acc2[M];
+    float s[M * nb];
+    for (int m = 0; m < M; m++) acc[m] = acc2[m] = f8_zero();
+    block_scales(M, K, G, d + n * (K / G), dx, s);
+    const int8_t *qr = q + n * K;
+#define LOAD8(b) i8_load(qr + 32 * (b))
+    BLOCK_LOOP(LOAD8, dot_ss)
+    for (int m = 0; m < M; m++) y[m * ldy + n] = f8_sum(acc[m]) + f8_sum(acc2[m]);
+}
+
+/* int4's m term: sum_groups m_g * xg[m, g], xg the group sums of the rounded x (the caller's,
+   once per call) */
+ALWAYS void row_int4(const int M, int64_t n, int64_t K, int64_t G, const int8_t *xq, const float *dx,
+                     const float *xg, const uint8_t *q, const _Float16 *d, const _Float16 *mins,
+                     float *y, int64_t ldy) {
+    const int64_t nb = K / 32, groups = K / G;
+    F8 acc[M], acc2[M];
+    float s[M * nb];
+    for (int m = 0; m < M; m++) acc[m] = acc2[m] = f8_zero();
+    block_scales(M, K, G, d + n * groups, dx, s);
+    const uint8_t *qr = q + n * (K / 2);
+#define LOAD4(b) q4_load(qr + 16 * (b))
+    BLOCK_LOOP(LOAD4, dot_us)
+    const _Float16 *mr = mins + n * groups;
+    for (int m = 0; m < M; m++) {
+        float extra = 0.0f;
+        for (int64_t g = 0; g < groups; g++) extra += (float)mr[g] * xg[m * groups + g];
+        y[m * ldy + n] = f8_sum(acc[m]) + f8_sum(acc2[m]) + extra;
+    }
 }
 
 void gemv_bf16(int M, int64_t N, int64_t K, const float *x, const uint16_t *w, float *y,
@@ -350,6 +373,11 @@ void gemv_int4(int M, int64_t N, int64_t K, int64_t G, const float *x, const uin
     int8_t *xq = malloc(M * K);
     float *dx = malloc(2 * M * K / 32 * sizeof(float)), *xs = dx + M * K / 32;
     quantize_x(M, K, x, xq, dx, xs);
+    for (int64_t i = 0; i < M * K / G; i++) {      /* block sums -> group sums, in place */
+        float t = 0.0f;
+        for (int64_t b = 0; b < G / 32; b++) t += xs[i * (G / 32) + b];
+        xs[i] = t;
+    }
     DISPATCH(row_int4, K, G, xq, dx, xs, q, d, mins, y, ldy)
     free(xq), free(dx);
 }

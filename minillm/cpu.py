@@ -114,7 +114,9 @@ def measure(dtype: torch.dtype, mbytes: int = 64, reps: int = 5, deadline: float
                "in_out": [b.view(IN, OUT).t() for b in buf]}         # (OUT, IN), columns contiguous
     xs = {m: torch.full((m, IN), 0.5, dtype=dtype) for m in (1, 8)}
     libs = {"blas": F.linear, **({"onednn": onednn_linear} if onednn_works(dtype) else {}),
-            **({"loops": loops_linear} if loops_work(dtype) else {})}
+            # fp32: MKL's one-row product already streams near the bandwidth roof; the loops won
+            # the probe's 8-row case but lost ~10% at one row on SmolLM2 (Xeon): not offered
+            **({"loops": loops_linear} if loops_work(dtype) and dtype != torch.float32 else {})}
     best = {}                                                         # (layout, lib, M, i) -> s
     for rep in range(reps + 1):                                       # the first pass warms up
         if time.perf_counter() > deadline:
