@@ -5,11 +5,14 @@ it runs at whatever share of the memory bandwidth the kernel manages to use, and
 the weight's layout, the library and the CPU. MKL's gemv streams a W stored (in, out) (the x @ W
 case) faster than one stored (out, in) on some machines; on AMD, where MKL takes a generic path,
 oneDNN's brgemm is as fast at one row and ~2x faster at 8 rows and in prefill, at ~10 us more per
-call. So a plan is a weight layout plus a library for one row and one for more rows; the probe
-times each (layout, library) on M = 1 and M = 8 rows streamed through ~64 MB of weights (more than
-a last-level cache), for the dtype and thread count at hand, and the plan with the least total wins
-if it beats torch's default by 10% in two runs. The verdict is kept in MINILLM_CACHE/cpu-plans.json
-(keyed by CPU, torch version, dtype and threads); MINILLM_CPU_PLAN=<plan name> overrides it.
+call; for bf16, minillm's own loops (kernels/cpu_gemv.c, up to 8 rows) read ~1.5x faster than
+oneDNN at one row on a Xeon. So a plan is a weight layout plus a library for few rows and one for
+more; the probe times each (layout, library) on M = 1 and M = 8 rows streamed through ~64 MB of
+weights (more than a last-level cache), for the dtype and thread count at hand, and the plan with
+the least total wins if it beats the dtype's default (default_plan) by 10% in two runs. The verdict
+is kept in MINILLM_CACHE/cpu-plans.json (keyed by CPU, torch version, dtype, threads and the plan
+list's version); a probe that overran its time budget (busy cores) keeps nothing.
+MINILLM_CPU_PLAN=<plan name> overrides it.
 """
 from __future__ import annotations
 
