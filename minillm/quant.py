@@ -104,17 +104,16 @@ def quantize_int4(w: torch.Tensor, group: int):
     return q.view(w.shape[0], -1)[:, :w.shape[1]], d, m
 
 
-def dequantize_int8(q, d, dtype=torch.float32):
+def dequantize_int8(q, d, dtype=torch.float32, group: int = 0):
+    """q (N, K), d (N, K/G) -> (N, K); group as quantize_int8 was given (0: per row)."""
     N, K = q.shape
-    return (_groups(q, K // d.shape[-1] if K % d.shape[-1] == 0 else -(-K // d.shape[-1]))
-            * d.float()[..., None]).view(N, -1)[:, :K].to(dtype)
+    return (_groups(q, group) * d.float()[..., None]).view(N, -1)[:, :K].to(dtype)
 
 
-def dequantize_int4(q, d, m, dtype=torch.float32):
-    """q (N, K) values 0..15 (unpacked), d and m (N, groups)."""
+def dequantize_int4(q, d, m, group: int, dtype=torch.float32):
+    """q (N, K) values 0..15 (unpacked), d and m (N, ceil(K/G)) -> (N, K)."""
     N, K = q.shape
-    G = -(-K // d.shape[-1])
-    w = _groups(q, G) * d.float()[..., None] + m.float()[..., None]
+    w = _groups(q, group) * d.float()[..., None] + m.float()[..., None]
     return w.view(N, -1)[:, :K].to(dtype)
 
 
@@ -171,11 +170,11 @@ class Packed(nn.Module):
         if self.scheme.bits == 8:
             q, d = quantize_int8(t, g)
             parts = {"qweight": q, "scales": d}
-            dense = lambda: dequantize_int8(q, d)
+            dense = lambda: dequantize_int8(q, d, group=g)
         else:
             q, d, m = quantize_int4(t, g)
             parts = {"qweight": cpu_gemv.pack_int4(q) if self.kernel else None, "scales": d, "mins": m}
-            dense = lambda: dequantize_int4(q, d, m)
+            dense = lambda: dequantize_int4(q, d, m, g)
         if not self.kernel:
             pick(self.weight)[r0:r1] = dense()
             return
@@ -201,8 +200,9 @@ class Packed(nn.Module):
         if not self.kernel:
             return pick(self.weight).to(dtype)
         if self.scheme.bits == 8:
-            return dequantize_int8(pick(self.qweight), pick(self.scales), dtype)
-        return dequantize_int4(cpu_gemv.unpack_int4(pick(self.qweight)), pick(self.scales), pick(self.mins), dtype)
+            return dequantize_int8(pick(self.qweight), pick(self.scales), dtype, self.scheme.group)
+        return dequantize_int4(cpu_gemv.unpack_int4(pick(self.qweight)), pick(self.scales), pick(self.mins),
+                               self.K // self.scales.shape[-1], dtype)
 
     def mm(self, x: torch.Tensor, e: int | None = None) -> torch.Tensor:
         """x (M, K) -> x @ W.T (M, N) in x's dtype; e: which expert."""
@@ -279,10 +279,11 @@ class QEmbedding(nn.Module):
             return h.weight[ids].to(dtype)
         flat = ids.reshape(-1)
         q, d = h.qweight[flat], h.scales[flat]                  # (n, K) or (n, K/2), (n, K/G)
+        G = h.K // d.shape[-1]                                  # kernel layers: whole groups
         if h.scheme.bits == 8:
-            w = dequantize_int8(q, d, dtype)
+            w = dequantize_int8(q, d, dtype, G)
         else:
-            w = dequantize_int4(cpu_gemv.unpack_int4(q), d, h.mins[flat], dtype)
+            w = dequantize_int4(cpu_gemv.unpack_int4(q), d, h.mins[flat], G, dtype)
         return w.view(*ids.shape, h.K)
 
 
