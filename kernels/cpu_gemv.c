@@ -270,41 +270,32 @@ static void quantize_x(int M, int64_t K, const float *x, int8_t *xq, float *dx, 
     }
 }
 
-/* The scale of each block of row n for each row of x: d[n, block's group] * dx[m, block], in a
-   (M, K/32) scratch, so that the block loop below has no division and no dependency but its sums. */
-ALWAYS void block_scales(const int M, int64_t K, int64_t G, const _Float16 *dr, const float *dx, float *s) {
-    const int64_t nb = K / 32, per = G / 32;
-    for (int64_t g = 0; g < K / G; g++) {
-        const float dw = (float)dr[g];
-        for (int m = 0; m < M; m++)
-            for (int64_t b = g * per; b < (g + 1) * per; b++) s[m * nb + b] = dw * dx[m * nb + b];
-    }
-}
-
-/* Two blocks per step, into two accumulators per row of x: the FMA chains interleave. */
+/* Two blocks per step, into two accumulators per row of x: the FMA chains interleave. A block's
+   scale is d[n, block >> sh] * dx[m, block] (sh = log2(G / 32): groups are powers of two). */
+#define SCALE(m, b) ((float)dr[(b) >> sh] * dx[(m) * nb + (b)])
 #define BLOCK_LOOP(LOAD, DOT)                                                               \
     int64_t b = 0;                                                                          \
     for (; b + 1 < nb; b += 2) {                                                            \
         I8x32 w0 = LOAD(b), w1 = LOAD(b + 1);                                               \
         for (int m = 0; m < M; m++) {                                                       \
             const int8_t *xm = xq + m * K;                                                  \
-            acc[m] = f8_fma(DOT(w0, i8_load(xm + 32 * b)), s[m * nb + b], acc[m]);          \
-            acc2[m] = f8_fma(DOT(w1, i8_load(xm + 32 * b + 32)), s[m * nb + b + 1], acc2[m]); \
+            acc[m] = f8_fma(DOT(w0, i8_load(xm + 32 * b)), SCALE(m, b), acc[m]);             \
+            acc2[m] = f8_fma(DOT(w1, i8_load(xm + 32 * b + 32)), SCALE(m, b + 1), acc2[m]);  \
         }                                                                                   \
     }                                                                                       \
     if (b < nb) {                                                                           \
         I8x32 w0 = LOAD(b);                                                                 \
         for (int m = 0; m < M; m++)                                                         \
-            acc[m] = f8_fma(DOT(w0, i8_load(xq + m * K + 32 * b)), s[m * nb + b], acc[m]);  \
+            acc[m] = f8_fma(DOT(w0, i8_load(xq + m * K + 32 * b)), SCALE(m, b), acc[m]);     \
     }
 
 ALWAYS void row_int8(const int M, int64_t n, int64_t K, int64_t G, const int8_t *xq, const float *dx,
                      const int8_t *q, const _Float16 *d, float *y, int64_t ldy) {
     const int64_t nb = K / 32;
+    const int sh = __builtin_ctzll(G / 32);
     F8 acc[M], acc2[M];
-    float s[M * nb];
     for (int m = 0; m < M; m++) acc[m] = acc2[m] = f8_zero();
-    block_scales(M, K, G, d + n * (K / G), dx, s);
+    const _Float16 *dr = d + n * (K / G);
     const int8_t *qr = q + n * K;
 #define LOAD8(b) i8_load(qr + 32 * (b))
     BLOCK_LOOP(LOAD8, dot_ss)
@@ -317,10 +308,10 @@ ALWAYS void row_int4(const int M, int64_t n, int64_t K, int64_t G, const int8_t 
                      const float *xg, const uint8_t *q, const _Float16 *d, const _Float16 *mins,
                      float *y, int64_t ldy) {
     const int64_t nb = K / 32, groups = K / G;
+    const int sh = __builtin_ctzll(G / 32);
     F8 acc[M], acc2[M];
-    float s[M * nb];
     for (int m = 0; m < M; m++) acc[m] = acc2[m] = f8_zero();
-    block_scales(M, K, G, d + n * groups, dx, s);
+    const _Float16 *dr = d + n * groups;
     const uint8_t *qr = q + n * (K / 2);
 #define LOAD4(b) q4_load(qr + 16 * (b))
     BLOCK_LOOP(LOAD4, dot_us)
