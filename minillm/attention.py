@@ -36,9 +36,9 @@ class Step:
         self.batch_idx = torch.arange(batch, device=device)[:, None]
         self._mask = None
         self._rows = None
-        # one new token per sequence over a cache, on CPU: attend_decode (kernels/cpu_decode.c)
+        # one new token per sequence over an fp32/bf16 cache, on CPU: attend_qkv (kernels/cpu_decode.c)
         self.cpu_decode = T == 1 and cache is not None and run.backend == "torch" and \
-            torch.device(device).type == "cpu" and cpu_decode.available()
+            torch.device(device).type == "cpu" and cpu_kv(cache) and cpu_decode.available()
         self._rope = None
 
     def write(self, layer: int, **new: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -104,13 +104,18 @@ class Step:
         return o if qkv.dtype is torch.float32 else o.to(qkv.dtype)
 
 
+def cpu_kv(cache) -> bool:
+    """Whether the CPU decode kernels read this cache (KVCache or the engine's PagedKV): fp32/bf16."""
+    return all(t.dtype in (torch.float32, torch.bfloat16) for t in cache.tensors.values())
+
+
 def cpu_decoding(q: torch.Tensor, step: Step | None = None) -> bool:
     """One new token per sequence over a cache, on CPU (step None: whether that could run here):
     kernels/cpu_decode.c attends in one call. SDPA's CPU kernel, built for blocks of queries, costs
     ~25 us a layer there, and a paged pool needs a gather first; this reads the cache rows in place."""
-    if not (q.is_cpu and cpu_decode.available()):
+    if not (q.is_cpu and q.dtype in (torch.float32, torch.bfloat16) and cpu_decode.available()):
         return False
-    return step is None or (step.T == 1 and step.cache is not None and step.backend == "torch")
+    return step is None or (step.T == 1 and step.cache is not None and step.backend == "torch" and cpu_kv(step.cache))
 
 
 def cpu_attention(q, k, v, rows, lens, scale) -> torch.Tensor:

@@ -130,3 +130,13 @@ def test_token_healing_extends_the_prompts_last_token(llm, checkpoints, referenc
         llm.generate(tok.encode("def fibonacci(n):"), max_new_tokens=4, temperature=0).token_ids
     streamed = "".join(llm.stream("def ", max_new_tokens=8, temperature=0))
     assert streamed == healed.text
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_cpu_decode_in_each_dtype_equals_the_full_forward(checkpoints, dtype):
+    """fp32 and bf16 caches decode through kernels/cpu_decode.c on CPU, fp16 ones through torch
+    (the C side reads fp32/bf16 only): each greedy step is the full forward's argmax."""
+    llm = minillm.load(checkpoints["qwen3"], device="cpu", dtype=dtype)
+    ids = list(range(5, 25))
+    out = llm.generate(ids, max_new_tokens=5, temperature=0).token_ids
+    assert llm.logits([ids + out[:-1]])[0, -5:].argmax(-1).tolist() == out
