@@ -66,7 +66,11 @@ def _lib():
     key = hashlib.sha256(src + _cpu().encode() + version.encode() + march.encode()).hexdigest()[:16]
     so = _cache_dir() / f"cpu_gemv-{key}.so"
     if not so.exists():
-        so.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            so.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:   # a read-only cache: build in a temporary folder, for this process
+            import tempfile
+            so = Path(tempfile.mkdtemp(prefix="minillm-kernels-")) / so.name
         tmp = so.with_suffix(f".{os.getpid()}.tmp")
         cmd = [cc, "-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-o", str(tmp), *map(str, SOURCES)]
         try:
