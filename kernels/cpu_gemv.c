@@ -271,7 +271,9 @@ static void quantize_x(int M, int64_t K, const float *x, int8_t *xq, float *dx, 
 }
 
 /* Two blocks per step, into two accumulators per row of x: the FMA chains interleave. A block's
-   scale is d[n, block >> sh] * dx[m, block] (sh = log2(G / 32): groups are powers of two). */
+   scale is d[n, block >> sh] * dx[m, block]: sh = log2(G / 32) (G is 32, 64 or 128), or one group
+   per row (G = K, int8 per channel, K / 32 blocks of any count): a shift past every block index. */
+static inline int group_shift(int64_t K, int64_t G) { return G == K ? 62 : __builtin_ctzll(G / 32); }
 #define SCALE(m, b) ((float)dr[(b) >> sh] * dx[(m) * nb + (b)])
 #define BLOCK_LOOP(LOAD, DOT)                                                               \
     int64_t b = 0;                                                                          \
@@ -292,7 +294,7 @@ static void quantize_x(int M, int64_t K, const float *x, int8_t *xq, float *dx, 
 ALWAYS void row_int8(const int M, int64_t n, int64_t K, int64_t G, const int8_t *xq, const float *dx,
                      const int8_t *q, const _Float16 *d, float *y, int64_t ldy) {
     const int64_t nb = K / 32;
-    const int sh = __builtin_ctzll(G / 32);
+    const int sh = group_shift(K, G);
     F8 acc[M], acc2[M];
     for (int m = 0; m < M; m++) acc[m] = acc2[m] = f8_zero();
     const _Float16 *dr = d + n * (K / G);
@@ -308,7 +310,7 @@ ALWAYS void row_int4(const int M, int64_t n, int64_t K, int64_t G, const int8_t 
                      const float *xg, const uint8_t *q, const _Float16 *d, const _Float16 *mins,
                      float *y, int64_t ldy) {
     const int64_t nb = K / 32, groups = K / G;
-    const int sh = __builtin_ctzll(G / 32);
+    const int sh = group_shift(K, G);
     F8 acc[M], acc2[M];
     for (int m = 0; m < M; m++) acc[m] = acc2[m] = f8_zero();
     const _Float16 *dr = d + n * groups;

@@ -46,9 +46,10 @@ def test_float_weights(M):
 
 
 @pytest.mark.parametrize("M", [1, 4, 8])
-@pytest.mark.parametrize("G", [32, 64, 128, 0])
-def test_int8(M, G):
-    N, K = 72, 256
+@pytest.mark.parametrize("G,K", [(32, 256), (64, 256), (128, 256), (0, 256), (0, 96), (0, 576)])
+def test_int8(M, G, K):
+    """G = 0: one scale per row, over any number of blocks (3 and 18 too, not a power of two)."""
+    N = 72
     gen = torch.Generator().manual_seed(M * 1000 + G)
     q = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen)
     d = (torch.rand(N, K // (G or K), generator=gen) * 0.01 + 1e-3).half()
