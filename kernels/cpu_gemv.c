@@ -325,10 +325,35 @@ ALWAYS void row_int4(const int M, int64_t n, int64_t K, int64_t G, const int8_t 
     }
 }
 
-void gemv_bf16(int M, int64_t N, int64_t K, const float *x, const uint16_t *w, float *y,
-               int64_t ldy, int threads) {
+static inline uint16_t f32_bf16(float f) {   /* round to nearest even, as torch's .to(bfloat16) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 64);   /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+/* bf16 weights; io_bf16: x and y are bf16 too (a bf16 model's activations), widened once per call
+   and y rounded as torch's .to(bfloat16) rounds: the same numbers as casting around the fp32 call,
+   without the two tensor casts per product. */
+void gemv_bf16(int M, int64_t N, int64_t K, const void *x, const uint16_t *w, void *y,
+               int64_t ldy, int io_bf16, int threads) {
     if (M < 1 || M > MAX_ROWS) return;
-    DISPATCH(row_bf16, K, x, w, y, ldy)
+    const float *xf = x;
+    float *yf = y, *xbuf = 0, *ybuf = 0;
+    if (io_bf16) {
+        xbuf = malloc(M * K * sizeof(float)), ybuf = malloc(M * ldy * sizeof(float));
+        for (int64_t i = 0; i < M * K; i++) {
+            uint32_t u = (uint32_t)((const uint16_t *)x)[i] << 16;
+            memcpy(&xbuf[i], &u, 4);
+        }
+        xf = xbuf, yf = ybuf;
+    }
+    DISPATCH(row_bf16, K, xf, w, yf, ldy)
+    if (io_bf16) {
+        for (int m = 0; m < M; m++)
+            for (int64_t n = 0; n < N; n++) ((uint16_t *)y)[m * ldy + n] = f32_bf16(ybuf[m * ldy + n]);
+        free(xbuf), free(ybuf);
+    }
 }
 
 void gemv_f32(int M, int64_t N, int64_t K, const float *x, const float *w, float *y,
@@ -378,12 +403,6 @@ void gemv_int4(int M, int64_t N, int64_t K, int64_t G, const float *x, const uin
 /* Whole weights back to floats, for many rows: a prefill multiplies the dequantized weight with
    BLAS/oneDNN (AMX for bf16), compute-bound there, instead of these loops. out (N, K): fp32 when
    out_f32, else bf16. */
-static inline uint16_t f32_bf16(float f) {   /* round to nearest even, as torch's .to(bfloat16) */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 64);   /* NaN stays NaN */
-    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-}
 
 static inline void put(void *out, int out_f32, int64_t i, float v) {
     if (out_f32) ((float *)out)[i] = v;

@@ -86,7 +86,8 @@ def _lib():
     lib = ctypes.CDLL(str(so))
     i, p = ctypes.c_int, ctypes.c_void_p
     L = ctypes.c_int64
-    lib.gemv_bf16.argtypes = lib.gemv_f32.argtypes = [i, L, L, p, p, p, L, i]
+    lib.gemv_f32.argtypes = [i, L, L, p, p, p, L, i]
+    lib.gemv_bf16.argtypes = [i, L, L, p, p, p, L, i, i]
     lib.gemv_int8.argtypes = [i, L, L, L, p, p, p, p, L, i]
     lib.gemv_int4.argtypes = [i, L, L, L, p, p, p, p, p, L, i]
     lib.gemv_int8_fx.argtypes = [i, L, L, L, p, p, p, p, L, i]
@@ -123,14 +124,24 @@ def _rows(x: torch.Tensor, K: int) -> int:
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (..., K) @ w.T -> (..., N) fp32; w (N, K) bf16 or fp32, contiguous."""
+    """x (..., K) @ w.T -> (..., N); w (N, K) bf16 or fp32, contiguous. x fp32 -> y fp32; with a
+    bf16 w, x may be bf16 too -> y bf16 (rounded from the fp32 sums)."""
     N, K = w.shape
-    M = _rows(x, K)
+    io_bf16 = x.dtype is torch.bfloat16 and w.dtype is torch.bfloat16 and x.is_contiguous()
+    M = _rows16(x, K) if io_bf16 else _rows(x, K)
     assert w.is_contiguous() and w.dtype in (torch.bfloat16, torch.float32)
     y = x.new_empty(*x.shape[:-1], N)
-    fn = _lib().gemv_bf16 if w.dtype is torch.bfloat16 else _lib().gemv_f32
-    fn(M, N, K, x.data_ptr(), w.data_ptr(), y.data_ptr(), N, torch.get_num_threads())
+    if w.dtype is torch.bfloat16:
+        _lib().gemv_bf16(M, N, K, x.data_ptr(), w.data_ptr(), y.data_ptr(), N, int(io_bf16), torch.get_num_threads())
+    else:
+        _lib().gemv_f32(M, N, K, x.data_ptr(), w.data_ptr(), y.data_ptr(), N, torch.get_num_threads())
     return y
+
+
+def _rows16(x: torch.Tensor, K: int) -> int:
+    M = x.numel() // K if x.shape[-1] == K else 0
+    assert x.dtype is torch.bfloat16 and x.is_contiguous() and 1 <= M <= MAX_ROWS and K % 32 == 0, (x.shape, K)
+    return M
 
 
 def gemv_int8(x, q, d, round_x: bool = True) -> torch.Tensor:

@@ -84,8 +84,11 @@ def loops_linear(x, w, b=None):
     """kernels/cpu_gemv.c's product for few rows: fp32 sums, the output in x's dtype."""
     if x.numel() == 0:
         return F.linear(x, w, b)
-    y = cpu_gemv.gemv(cpu_gemv.f32(x), w)
-    y = y if x.dtype is torch.float32 else y.to(x.dtype)
+    if x.dtype is torch.bfloat16 and w.dtype is torch.bfloat16:   # bf16 in and out, no casts
+        y = cpu_gemv.gemv(x.contiguous(), w)
+    else:
+        y = cpu_gemv.gemv(cpu_gemv.f32(x), w)
+        y = y if x.dtype is torch.float32 else y.to(x.dtype)
     return y + b if b is not None else y
 
 

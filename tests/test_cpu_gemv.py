@@ -43,6 +43,9 @@ def test_float_weights(M):
     assert rel_err(g.gemv(x, w), g.gemv_ref(x, w)) < 1e-5
     wb = w.bfloat16()
     assert rel_err(g.gemv(x, wb), g.gemv_ref(x, wb)) < 1e-5
+    xb = x.bfloat16()                     # bf16 in and out: the fp32 product's rounding, exactly
+    got = g.gemv(xb, wb)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, g.gemv(xb.float(), wb).bfloat16())
 
 
 @pytest.mark.parametrize("M", [1, 4, 8])
