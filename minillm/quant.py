@@ -163,7 +163,12 @@ class Packed(nn.Module):
 
     @torch.no_grad()
     def fill(self, index: int | None, rows: tuple[int, int] | None, t: torch.Tensor):
-        """Quantize t, (rows, K) full precision, into rows [r0, r1) (of expert `index`)."""
+        """Quantize t, (rows, K) full precision, into rows [r0, r1) (of expert `index`); t (E, rows,
+        K) with no index: a whole expert stack (a GGUF file's float `ffn_*_exps`), expert by expert."""
+        if index is None and t.dim() == 3:
+            for e in range(t.shape[0]):
+                self.fill(e, rows, t[e])
+            return
         pick = self._pick(index)
         r0, r1 = rows or (0, self.N)
         g = self.scheme.group
