@@ -3,12 +3,12 @@
    At batch 1 a decoder reads every weight once per token and does two flops per weight, so
    these products run at whatever share of the memory bandwidth the loop keeps busy. BLAS and
    oneDNN are built for blocks of rows: at one row their bf16 and weight-only int8/int4 paths are
-   compute-bound (bf16 here reads ~12 GB/s where a plain stream reads ~20). These loops are
-   written for the compiler's vectoriser (-O3 -march=native: AVX2 or AVX-512, Intel or AMD alike):
-   every inner loop runs over 16 or 32 independent lanes, so no horizontal sum happens inside a
-   row, and one row's weights are read once for all M rows of x.
+   compute-bound (bf16 here reads ~12 GB/s where a plain stream reads ~20). These loops use
+   AVX-512 or AVX2 intrinsics (whichever -march=native gives, Intel or AMD alike; plain C
+   elsewhere): every inner loop runs over 16 or 32 independent lanes, so no horizontal sum happens
+   inside a row, and one row's weights are read once for all M rows of x.
 
-   Formats (row n, element k; blocks of 32 along k; G = columns per scale, a multiple of 32):
+   Formats (row n, element k; blocks of 32 along k; G = columns per scale: 32, 64, 128 or K):
      bf16   w[n, k]  = bf16(W[n, k])
      int8   w[n, k]  = q[n, k] * d[n, k / G]                       q int8; G = K: per channel
      int4   w[n, k]  = q[n, k] * d[n, k / G] + m[n, k / G]         q in 0..15
@@ -16,7 +16,7 @@
             j + 16 (high nibble). This is llama.cpp's Q4_0/Q4_1 block order, so those GGUF
             tensors load as their bytes (Q4_0: m = -8 d).
    d and m are fp16 (as GGUF's; ~3 significant digits, the quantizer rounds them first).
-   x and y are fp32. The torch references are in cpu_gemv.py. */
+   x and y are fp32 (or bf16 with bf16 weights). The torch references are in cpu_gemv.py. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
