@@ -9,12 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static inline float bf16_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
+#include "cpu_common.h"
 
 /* q . k and o += w v over one head, for keys stored fp32 or bf16; `omp simd reduction` lets the
    compiler reassociate the sum into vector lanes (a plain loop would stay scalar). */
@@ -81,13 +76,6 @@ void rmsnorm(int64_t R, int64_t C, const float *x, const float *w, float eps, fl
     }
 }
 
-static inline uint16_t f32_bf16(float f) {   /* round to nearest even, as torch's .to(bfloat16) */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 64);
-    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-}
-
 /* What a decoder's attention does to the new token's fused q|k|v row before attending, in place:
    qkv (B, (H + 2 Hkv) D) fp32. Optional per-head RMSNorm of q and k heads (Qwen3's q_norm and
    k_norm: weights of D, NULL when absent), then the rotation of q and k heads by cos and sin (B, D)
@@ -102,12 +90,7 @@ void qkv_store(int B, int H, int Hkv, int D, float *qkv, const float *q_norm, co
         for (int h = 0; h < H + Hkv; h++) {
             float *x = row + h * D;
             const float *w = h < H ? q_norm : k_norm;
-            if (w) {
-                float ss = 0.0f;
-                for (int i = 0; i < D; i++) ss += x[i] * x[i];
-                const float inv = 1.0f / sqrtf(ss / D + eps);
-                for (int i = 0; i < D; i++) x[i] = x[i] * inv * w[i];
-            }
+            if (w) rmsnorm(1, D, x, w, eps, x);                /* in place */
             if (cos) {
                 const float *c = cos + (int64_t)b * D, *s = sin + (int64_t)b * D;
                 for (int i = 0; i < half; i++) {

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_gemv import _lib, available, f32  # noqa: F401  (available: whether these can run here)
+from .cpu_gemv import MAX_ROWS, _lib, available, f32  # noqa: F401  (for callers: what runs here, few rows)
 
 
 def _p(t):

@@ -22,6 +22,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_common.h"
+
 #define MAX_ROWS 8   /* rows of x per pass over the weights: 8 x 32 fp32 lanes fit the registers */
 
 
@@ -120,7 +122,7 @@ ALWAYS V v_nibbles(const uint8_t *p, int high) {
 }
 ALWAYS V v_bf16(const uint16_t *p) {
     V r;
-    for (int j = 0; j < 16; j++) { uint32_t u = (uint32_t)p[j] << 16; memcpy(&r.f[j], &u, 4); }
+    for (int j = 0; j < 16; j++) r.f[j] = bf16_f32(p[j]);
     return r;
 }
 #endif
@@ -325,13 +327,6 @@ ALWAYS void row_int4(const int M, int64_t n, int64_t K, int64_t G, const int8_t 
     }
 }
 
-static inline uint16_t f32_bf16(float f) {   /* round to nearest even, as torch's .to(bfloat16) */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 64);   /* NaN stays NaN */
-    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
-}
-
 /* bf16 weights; io_bf16: x and y are bf16 too (a bf16 model's activations), widened once per call
    and y rounded as torch's .to(bfloat16) rounds: the same numbers as casting around the fp32 call,
    without the two tensor casts per product. */
@@ -342,10 +337,7 @@ void gemv_bf16(int M, int64_t N, int64_t K, const void *x, const uint16_t *w, vo
     float *yf = y, *xbuf = 0, *ybuf = 0;
     if (io_bf16) {
         xbuf = malloc(M * K * sizeof(float)), ybuf = malloc(M * ldy * sizeof(float));
-        for (int64_t i = 0; i < M * K; i++) {
-            uint32_t u = (uint32_t)((const uint16_t *)x)[i] << 16;
-            memcpy(&xbuf[i], &u, 4);
-        }
+        for (int64_t i = 0; i < M * K; i++) xbuf[i] = bf16_f32(((const uint16_t *)x)[i]);
         xf = xbuf, yf = ybuf;
     }
     DISPATCH(row_bf16, K, xf, w, yf, ldy)
@@ -413,20 +405,24 @@ void dequant_int8(int64_t N, int64_t K, int64_t G, const int8_t *q, const _Float
                   int out_f32, int threads) {
     _Pragma("omp parallel for num_threads(threads) schedule(static)")
     for (int64_t n = 0; n < N; n++)
-        for (int64_t k = 0; k < K; k++)
-            put(out, out_f32, n * K + k, (float)d[n * (K / G) + k / G] * (float)q[n * K + k]);
+        for (int64_t g = 0; g < K / G; g++) {                 /* a group: one scale, no division */
+            const float scale = (float)d[n * (K / G) + g];
+            for (int64_t k = g * G; k < (g + 1) * G; k++) put(out, out_f32, n * K + k, scale * (float)q[n * K + k]);
+        }
 }
 
 void dequant_int4(int64_t N, int64_t K, int64_t G, const uint8_t *q, const _Float16 *d,
                   const _Float16 *mins, void *out, int out_f32, int threads) {
     _Pragma("omp parallel for num_threads(threads) schedule(static)")
     for (int64_t n = 0; n < N; n++)
-        for (int64_t k = 0; k < K; k += 32) {
-            const uint8_t *b = q + n * (K / 2) + k / 2;
-            float scale = (float)d[n * (K / G) + k / G], min = (float)mins[n * (K / G) + k / G];
-            for (int j = 0; j < 16; j++) {
-                put(out, out_f32, n * K + k + j, scale * (float)(b[j] & 15) + min);
-                put(out, out_f32, n * K + k + j + 16, scale * (float)(b[j] >> 4) + min);
+        for (int64_t g = 0; g < K / G; g++) {
+            const float scale = (float)d[n * (K / G) + g], min = (float)mins[n * (K / G) + g];
+            for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+                const uint8_t *b = q + n * (K / 2) + k / 2;
+                for (int j = 0; j < 16; j++) {
+                    put(out, out_f32, n * K + k + j, scale * (float)(b[j] & 15) + min);
+                    put(out, out_f32, n * K + k + j + 16, scale * (float)(b[j] >> 4) + min);
+                }
             }
         }
 }

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 SOURCES = [Path(__file__).with_name(n) for n in ("cpu_gemv.c", "cpu_decode.c")]   # one library
+HEADERS = [Path(__file__).with_name("cpu_common.h")]                             # in the cache key
 MAX_ROWS = 8
 _error: str | None = None
 
@@ -56,7 +57,7 @@ def _lib():
     if not cc:
         _error = "no C compiler (cc) on PATH"
         return None
-    src = b"".join(f.read_bytes() for f in SOURCES)
+    src = b"".join(f.read_bytes() for f in SOURCES + HEADERS)
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
@@ -116,10 +117,10 @@ def f32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype is torch.float32 and x.is_contiguous() else x.float().contiguous()
 
 
-def _rows(x: torch.Tensor, K: int) -> int:
-    """x (..., K) fp32 contiguous, 1..8 rows in all -> the number of rows."""
+def _rows(x: torch.Tensor, K: int, dtype=torch.float32) -> int:
+    """x (..., K) of `dtype`, contiguous, 1..8 rows in all -> the number of rows."""
     M = x.numel() // K if x.shape[-1] == K else 0
-    assert x.dtype is torch.float32 and x.is_contiguous() and 1 <= M <= MAX_ROWS and K % 32 == 0, (x.shape, K)
+    assert x.dtype is dtype and x.is_contiguous() and 1 <= M <= MAX_ROWS and K % 32 == 0, (x.shape, K)
     return M   # the C side checks nothing
 
 
@@ -128,7 +129,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     bf16 w, x may be bf16 too -> y bf16 (rounded from the fp32 sums)."""
     N, K = w.shape
     io_bf16 = x.dtype is torch.bfloat16 and w.dtype is torch.bfloat16 and x.is_contiguous()
-    M = _rows16(x, K) if io_bf16 else _rows(x, K)
+    M = _rows(x, K, x.dtype if io_bf16 else torch.float32)
     assert w.is_contiguous() and w.dtype in (torch.bfloat16, torch.float32)
     y = x.new_empty(*x.shape[:-1], N)
     if w.dtype is torch.bfloat16:
@@ -136,12 +137,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     else:
         _lib().gemv_f32(M, N, K, x.data_ptr(), w.data_ptr(), y.data_ptr(), N, torch.get_num_threads())
     return y
-
-
-def _rows16(x: torch.Tensor, K: int) -> int:
-    M = x.numel() // K if x.shape[-1] == K else 0
-    assert x.dtype is torch.bfloat16 and x.is_contiguous() and 1 <= M <= MAX_ROWS and K % 32 == 0, (x.shape, K)
-    return M
 
 
 def gemv_int8(x, q, d, round_x: bool = True) -> torch.Tensor:
@@ -235,23 +230,25 @@ def round_x(x: torch.Tensor) -> torch.Tensor:
     return (xq.view(x.shape[0], -1, 32) * dx[..., None]).view(x.shape)
 
 
-def gemv_int8_ref(x, q, d) -> torch.Tensor:
-    """sum over blocks of 32 of d dx (q . xq), summed in fp64 (the kernel's integer dot products are
-    exact; only its fp32 accumulation of the scaled blocks differs)."""
+def _blocks_ref(x, v, d) -> torch.Tensor:
+    """sum over blocks of 32 of d dx (v . xq), v (N, K) the stored integers, summed in fp64 (the
+    kernels' integer dot products are exact; only their fp32 accumulation of scaled blocks differs)."""
     xq, dx = quantize_x_ref(x)
     M, K = x.shape
     G = K // d.shape[1]
-    dots = torch.einsum("mbj,nbj->mnb", xq.view(M, -1, 32).double(), q.double().view(q.shape[0], -1, 32))
+    dots = torch.einsum("mbj,nbj->mnb", xq.view(M, -1, 32).double(), v.double().view(v.shape[0], -1, 32))
     scale = d.double().repeat_interleave(G // 32, 1)[None] * dx.double()[:, None]     # (M, N, K/32)
-    return (dots * scale).sum(-1).float()
+    return (dots * scale).sum(-1)
+
+
+def gemv_int8_ref(x, q, d) -> torch.Tensor:
+    return _blocks_ref(x, q, d).float()
 
 
 def gemv_int4_ref(x, q, d, m) -> torch.Tensor:
+    """+ sum over groups of m times the group's sum of the rounded x."""
     xq, dx = quantize_x_ref(x)
     M, K = x.shape
-    N, G = q.shape[0], K // d.shape[1]
-    v = unpack_int4(q).double().view(N, -1, 32)
-    dots = torch.einsum("mbj,nbj->mnb", xq.view(M, -1, 32).double(), v)
-    scale = d.double().repeat_interleave(G // 32, 1)[None] * dx.double()[:, None]
-    xsum = (xq.view(M, -1, 32).sum(-1) * dx).double().view(M, -1, G // 32).sum(-1)     # (M, K/G), rounded x
-    return ((dots * scale).sum(-1) + xsum @ m.double().t()).float()
+    G = K // d.shape[1]
+    xsum = (xq.view(M, -1, 32).sum(-1) * dx).double().view(M, -1, G // 32).sum(-1)     # (M, K/G)
+    return (_blocks_ref(x, unpack_int4(q), d) + xsum @ m.double().t()).float()
