@@ -120,7 +120,7 @@ def cpu_decoding(q: torch.Tensor, step: Step | None = None) -> bool:
 
 def cpu_attention(q, k, v, rows, lens, scale) -> torch.Tensor:
     """q (B, 1, H, D); k, v: (rows, Hkv, D) pools; rows (B, S) -> (B, 1, H, Dv)."""
-    o = cpu_decode.attend_decode(q[:, 0].float().contiguous(), k, v, rows, lens, scale)   # (B, H, Dv)
+    o = cpu_decode.attend_decode(cpu_decode.f32(q[:, 0]), k, v, rows, lens, scale)   # (B, H, Dv)
     return o[:, None].to(q.dtype)
 
 

@@ -197,7 +197,6 @@ def load_weights(model, adapter, f: GGUFFile, progress: bool | None = None):
             want = expected(adapter, cfg, name, f.shapes)
             raise LoadError(f"missing tensor {want!r} in {f.path.name} (for {name})" if want else
                             f"parameter {name!r} is {filled[name]} of {p.numel()} values filled by {f.path.name}")
-    quant.finish(model)
 
 
 # llama.cpp's per-layer tensor names (gguf.TENSOR_NAMES), the ones the adapters read, plain before fused

@@ -24,7 +24,7 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # x * rsqrt(mean(x^2) + eps) in one call instead of six (bit for bit the same arithmetic)
         if x.dtype == self.weight.dtype == torch.float32:
-            if x.is_cpu and x.numel() <= 8 * x.shape[-1] and cpu_decode.available():   # decode: ~2 us, not ~10
+            if x.is_cpu and x.numel() <= cpu_decode.MAX_ROWS * x.shape[-1] and cpu_decode.available():   # decode: ~2 us, not ~10
                 return cpu_decode.rmsnorm(x.contiguous(), self.weight, self.eps)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # transformers' order: normalise in fp32, cast back, then scale (matters in bf16)
@@ -82,7 +82,7 @@ class MLP(nn.Module):
         if self.gated:
             gu = self.gate_up(x)
             if self.act is F.silu and gu.dtype == torch.float32 and gu.is_cpu and \
-                    gu.numel() <= 8 * gu.shape[-1] and cpu_decode.available():   # decode: one call, not three
+                    gu.numel() <= cpu_decode.MAX_ROWS * gu.shape[-1] and cpu_decode.available():   # decode: one call, not three
                 return self.down(cpu_decode.silu_mul(gu.reshape(-1, gu.shape[-1])).view(*gu.shape[:-1], -1))
             gate, up = gu.split(self.inter, dim=-1)
             return self.down(self.act(gate) * up)

@@ -226,7 +226,6 @@ def load_weights(model: Decoder, adapter, files: list[Path], progress: bool | No
         if filled[name] != p.numel():
             raise LoadError(f"parameter {name!r} is {filled[name]} of {p.numel()} values filled: "
                             f"the {cfg.arch} adapter's names and targets disagree")
-    quant.finish(model)   # int4 rows into the kernel's packed layout
 
 
 def _read(where: dict, name: str, f, file: Path) -> torch.Tensor | None:

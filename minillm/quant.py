@@ -196,36 +196,39 @@ class Packed(nn.Module):
         for name, v in parts.items():
             pick(getattr(self, name))[r0:r1].view(v.shape).copy_(v)
 
-    def finish(self):   # nothing to repack: rows are stored as the kernels read them
-        pass
-
     def dense(self, e: int | None = None, dtype=torch.float32) -> torch.Tensor:
         """The dequantized weight (N, K)."""
         pick = self._pick(e)
         if not self.kernel:
             return pick(self.weight).to(dtype)
-        if self.scheme.bits == 8:
-            return dequantize_int8(pick(self.qweight), pick(self.scales), dtype, self.scheme.group)
-        return dequantize_int4(cpu_gemv.unpack_int4(pick(self.qweight)), pick(self.scales), pick(self.mins),
-                               self.K // self.scales.shape[-1], dtype)
+        return self.dequantize_rows(pick(self.qweight), pick(self.scales),
+                                    pick(self.mins) if self.scheme.bits == 4 else None, dtype)
+
+    def dequantize_rows(self, q, d, m, dtype) -> torch.Tensor:
+        """Stored rows (n, K) or (n, K/2), their scales and mins (n, K/G) -> (n, K) in dtype."""
+        G = self.K // d.shape[-1]                               # kernel layers: whole groups
+        if m is None:
+            return dequantize_int8(q, d, dtype, G)
+        return dequantize_int4(cpu_gemv.unpack_int4(q), d, m, G, dtype)
 
     def mm(self, x: torch.Tensor, e: int | None = None) -> torch.Tensor:
-        """x (M, K) -> x @ W.T (M, N) in x's dtype; e: which expert."""
+        """x (..., K) -> x @ W.T (..., N) in x's dtype; e: which expert."""
         pick = self._pick(e)
         if not self.kernel:
             return F.linear(x, pick(self.weight).to(x.dtype))
         q, d = pick(self.qweight), pick(self.scales)
         m = pick(self.mins) if self.scheme.bits == 4 else None
         if x.is_cpu and cpu_gemv.available():
-            if 0 < x.shape[0] <= cpu_gemv.MAX_ROWS:     # decode: integer dot products
+            if 0 < x.numel() <= cpu_gemv.MAX_ROWS * self.K:   # decode: integer dot products
                 return self._gemv(x, q, d, m)
             out = _scratch(self.N * self.K, x.dtype).view(self.N, self.K)   # prefill: a matmul
             cpu_gemv.dequant_int8(q, d, out) if m is None else cpu_gemv.dequant_int4(q, d, m, out)
-            return F.linear(cpu_gemv.round_x(x).to(x.dtype) if self.round_x else x, out)   # x as decode rounds it
+            if self.round_x:                            # x as the decode rows round it
+                x = cpu_gemv.round_x(x.reshape(-1, self.K)).to(x.dtype).view(x.shape)
+            return F.linear(x, out)
         if x.is_cuda and m is None and self.scheme.group == 0:   # gpt-fast's int8: the cast fuses under compile
             return F.linear(x, q.to(x.dtype)) * d[:, 0].to(x.dtype)
         return F.linear(x, self.dense(e, x.dtype))
-
 
     def _gemv(self, x, q, d, m):
         """x (..., K), 1..8 rows -> (..., N) in x's dtype, on kernels/cpu_gemv.c."""
@@ -255,10 +258,7 @@ class QLinear(Packed):
         self.bias = linear.bias
 
     def forward(self, x):
-        if self.kernel and x.is_cpu and 0 < x.numel() <= cpu_gemv.MAX_ROWS * self.K and cpu_gemv.available():
-            y = self._gemv(x, self.qweight, self.scales, getattr(self, "mins", None))   # decode: no reshapes
-        else:
-            y = self.mm(x.reshape(-1, self.K)).view(*x.shape[:-1], self.N)          # the kernels take 2-D
+        y = self.mm(x)
         return y + self.bias if self.bias is not None else y
 
 
@@ -283,13 +283,8 @@ class QEmbedding(nn.Module):
         if not h.kernel:
             return h.weight[ids].to(dtype)
         flat = ids.reshape(-1)
-        q, d = h.qweight[flat], h.scales[flat]                  # (n, K) or (n, K/2), (n, K/G)
-        G = h.K // d.shape[-1]                                  # kernel layers: whole groups
-        if h.scheme.bits == 8:
-            w = dequantize_int8(q, d, dtype, G)
-        else:
-            w = dequantize_int4(cpu_gemv.unpack_int4(q), d, h.mins[flat], G, dtype)
-        return w.view(*ids.shape, h.K)
+        m = h.mins[flat] if h.scheme.bits == 4 else None
+        return h.dequantize_rows(h.qweight[flat], h.scales[flat], m, dtype).view(*ids.shape, h.K)
 
 
 HEAD = Scheme(8)   # the head is int8 whatever the scheme (README "Quantization": measured)
@@ -346,12 +341,6 @@ def owned(model: nn.Module) -> set[str]:
         elif isinstance(m, QEmbedding):
             out.add(f"{name}.ref")
     return out
-
-
-def finish(model: nn.Module):
-    for m in model.modules():
-        if isinstance(m, Packed):
-            m.finish()
 
 
 def summary(model: nn.Module) -> dict:

@@ -73,7 +73,6 @@ def filled(N, K, scheme, parts=1, lead=()):
     for e in range(lead[0] if lead else 1):
         for r0, r1 in zip(cuts, cuts[1:]):
             m.fill(e if lead else None, (r0, r1), (w[e] if lead else w)[r0:r1])
-    m.finish()
     return m, w
 
 
