@@ -43,6 +43,35 @@ def _split_range(kv_len, split, num_splits, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _attend_tile(q, k, v, n_valid, m_i, l_i, acc, qk_scale, DOT_IEEE: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """One K/V tile of the online softmax (base 2) for a GQA group's queries -> (m_i, l_i, acc).
+    Every visited tile has >= 1 valid key, so m_new is finite: no -inf guard needed."""
+    s = _dot(q, tl.trans(k), DOT_IEEE, DOT_UPCAST) * qk_scale  # (BLOCK_G, BLOCK_N)
+    s = tl.where(n_valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_IEEE, DOT_UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _store_split(O_PART, LSE_PART, b, heads, split, m_i, l_i, acc, g_valid, offs_dv, D_V,
+                 stride_pb, stride_ph, stride_ps, stride_lb, stride_lh):
+    """A split's normalised partial output and its log2-sum-exp. An empty split (lo >= hi: past
+    this sequence's kv_len) stores lse = -inf and zeros, so the merge gives it weight 0."""
+    nonempty = l_i > 0.0
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    tl.store(
+        O_PART + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_dv[None, :],
+        out, mask=g_valid[:, None] & (offs_dv[None, :] < D_V),
+    )
+    tl.store(LSE_PART + b * stride_lb + heads * stride_lh + split, lse, mask=g_valid)
+
+
+@triton.jit
 def _decode_split_kernel(
     Q, K, V, KV_LEN, O_PART, LSE_PART,
     stride_qb, stride_qh, stride_qd,
@@ -94,26 +123,10 @@ def _decode_split_kernel(
             v_base + cols[:, None] * stride_vs + offs_dv[None, :] * stride_vd,
             mask=n_valid[:, None] & (offs_dv[None, :] < D_V), other=0.0,
         )  # (BLOCK_N, BLOCK_DV)
-        s = _dot(q, tl.trans(k), DOT_IEEE, DOT_UPCAST) * qk_scale  # (BLOCK_G, BLOCK_N)
-        s = tl.where(n_valid[None, :], s, float("-inf"))
-        # Every visited tile has >= 1 valid key, so m_new is finite: no -inf guard needed.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_IEEE, DOT_UPCAST)
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(q, k, v, n_valid, m_i, l_i, acc, qk_scale, DOT_IEEE, DOT_UPCAST)
 
-    # An empty split (lo >= hi: past this sequence's kv_len) stores lse = -inf and zeros,
-    # so the merge gives it weight 0.
-    nonempty = l_i > 0.0
-    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-    tl.store(
-        O_PART + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_dv[None, :],
-        out, mask=g_valid[:, None] & (offs_dv[None, :] < D_V),
-    )
-    tl.store(LSE_PART + b * stride_lb + heads * stride_lh + split, lse, mask=g_valid)
+    _store_split(O_PART, LSE_PART, b, heads, split, m_i, l_i, acc, g_valid, offs_dv, D_V,
+                 stride_pb, stride_ph, stride_ps, stride_lb, stride_lh)
 
 
 @triton.jit

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from ._common import _dot, block_dim, check_same_device, dot_ieee, dot_upcast, require_triton, tl, triton
-from .decode import LOG2E, _decode_config, _split_range, decode_attention_ref, merge_splits, pick_num_splits
+from ._common import block_dim, check_same_device, dot_ieee, dot_upcast, require_triton, tl, triton
+from .decode import (LOG2E, _attend_tile, _decode_config, _split_range, _store_split, decode_attention_ref,
+                     merge_splits, pick_num_splits)
 
 
 @triton.jit
@@ -61,21 +62,10 @@ def _paged_split_kernel(
                     mask=n_valid[:, None] & (offs_dqk[None, :] < D_QK), other=0.0)
         v = tl.load(V + rows[:, None] * stride_vs + kvh * stride_vh + offs_dv[None, :] * stride_vd,
                     mask=n_valid[:, None] & (offs_dv[None, :] < D_V), other=0.0)
-        s = _dot(q, tl.trans(k), DOT_IEEE, DOT_UPCAST) * qk_scale
-        s = tl.where(n_valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_IEEE, DOT_UPCAST)
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(q, k, v, n_valid, m_i, l_i, acc, qk_scale, DOT_IEEE, DOT_UPCAST)
 
-    nonempty = l_i > 0.0
-    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-    tl.store(O_PART + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_dv[None, :],
-             out, mask=g_valid[:, None] & (offs_dv[None, :] < D_V))
-    tl.store(LSE_PART + b * stride_lb + heads * stride_lh + split, lse, mask=g_valid)
+    _store_split(O_PART, LSE_PART, b, heads, split, m_i, l_i, acc, g_valid, offs_dv, D_V,
+                 stride_pb, stride_ph, stride_ps, stride_lb, stride_lh)
 
 
 def paged_decode_attention(q, k_pool, v_pool, block_table, kv_len, block_size: int, scale: float,
