@@ -33,7 +33,8 @@ HEAD_OPS(uint16_t, bf16_f32)
    pool's rows through the block table: no gather copy). Head h reads kv head h / (H / Hkv) (GQA).
      q (B, H, D) fp32 (sequence b's at q + b q_stride), k (rows, Hkv, D), v (rows, Hkv, Dv) fp32
      or bf16, out (B, H, Dv) fp32.
-   softmax in fp32 with the maximum subtracted, as SDPA. One (b, h) per task. */
+   softmax in fp32 with the maximum subtracted, as SDPA. attend_head does one (b, h), with p a
+   buffer of S_b floats for its scores. */
 #define ATTEND(T)                                                                           \
     for (int64_t j = 0; j < n; j++) {                                                       \
         p[j] = scale * dot_##T(qh, (const T *)k + (rows[b * S + j] * Hkv + hk) * D, D);     \
@@ -43,22 +44,29 @@ HEAD_OPS(uint16_t, bf16_f32)
     for (int64_t j = 0; j < n; j++)                                                         \
         axpy_##T(p[j] / sum, (const T *)v + (rows[b * S + j] * Hkv + hk) * Dv, o, Dv);
 
+void attend_head(int64_t b, int h, int H, int Hkv, int D, int Dv, int64_t S, const float *q, int64_t q_stride,
+                 const void *k, const void *v, int kv_bf16, const int64_t *rows, const int64_t *lens,
+                 float scale, float *out, float *p) {
+    const int64_t hk = h / (H / Hkv), n = lens[b];
+    const float *qh = q + b * q_stride + h * D;
+    float *o = out + (b * H + h) * Dv, mx = -INFINITY, sum = 0.0f;
+    memset(o, 0, Dv * sizeof(float));
+    if (kv_bf16) {
+        ATTEND(uint16_t)
+    } else {
+        ATTEND(float)
+    }
+}
+
 void attend_decode(int B, int H, int Hkv, int D, int Dv, int64_t S, const float *q, int64_t q_stride,
                    const void *k, const void *v, int kv_bf16, const int64_t *rows, const int64_t *lens,
                    float scale, float *out, int threads) {
-    const int group = H / Hkv;
-    _Pragma("omp parallel for num_threads(threads) schedule(static)")
-    for (int64_t t = 0; t < (int64_t)B * H; t++) {
-        const int64_t b = t / H, h = t % H, hk = h / group, n = lens[b];
-        const float *qh = q + b * q_stride + h * D;
-        float *o = out + (b * H + h) * Dv, mx = -INFINITY, sum = 0.0f;
-        float *p = malloc((n > 0 ? n : 1) * sizeof(float));
-        memset(o, 0, Dv * sizeof(float));
-        if (kv_bf16) {
-            ATTEND(uint16_t)
-        } else {
-            ATTEND(float)
-        }
+    _Pragma("omp parallel num_threads(threads)")
+    {
+        float *p = malloc((S > 0 ? S : 1) * sizeof(float));
+        _Pragma("omp for schedule(static)")
+        for (int64_t t = 0; t < (int64_t)B * H; t++)
+            attend_head(t / H, t % H, H, Hkv, D, Dv, S, q, q_stride, k, v, kv_bf16, rows, lens, scale, out, p);
         free(p);
     }
 }

@@ -21,31 +21,17 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <omp.h>
 
 #include "cpu_common.h"
 
 #define MAX_ROWS 8   /* rows of x per pass over the weights: 8 x 32 fp32 lanes fit the registers */
 
-
-/* Each kernel is a row body, `static inline` over a constant M: the dispatcher below calls it
-   with M = 1..8 spelled out, so the compiler unrolls the loops over rows of x and keeps
-   acc[m][0..31] in vector registers. Threads split the weight rows; each row's 32 lanes are
-   summed once, at its end. */
+/* Each kernel is a row body, `static inline` over a constant M: gemv_range calls it with M =
+   1..8 spelled out, so the compiler unrolls the loops over rows of x and keeps acc[m][0..31] in
+   vector registers. A row body leaves its M sums in r[]; gemv_range stores them (OUT_* modes).
+   Threads split the weight rows; each row's lanes are summed once, at its end. */
 #define ALWAYS static inline __attribute__((always_inline))
-#define DISPATCH(ROW, ...)                                                                 \
-    _Pragma("omp parallel for num_threads(threads) schedule(static)")                     \
-    for (int64_t n = 0; n < N; n++) {                                                     \
-        switch (M) {                                                                      \
-        case 1: ROW(1, n, __VA_ARGS__); break;                                            \
-        case 2: ROW(2, n, __VA_ARGS__); break;                                            \
-        case 3: ROW(3, n, __VA_ARGS__); break;                                            \
-        case 4: ROW(4, n, __VA_ARGS__); break;                                            \
-        case 5: ROW(5, n, __VA_ARGS__); break;                                            \
-        case 6: ROW(6, n, __VA_ARGS__); break;                                            \
-        case 7: ROW(7, n, __VA_ARGS__); break;                                            \
-        case 8: ROW(8, n, __VA_ARGS__); break;                                            \
-        }                                                                                 \
-    }
 
 /* V: 16 fp32 lanes, one AVX-512 register or two AVX2 ones (plain C elsewhere). Loads widen
    weights to fp32: int8 (sign-extend), a Q4 block half (low or high nibbles of 16 bytes), bf16
@@ -127,6 +113,7 @@ ALWAYS V v_bf16(const uint16_t *p) {
 }
 #endif
 
+
 /* acc[m] += x[m, k:k+32] * (w0, w1): one block of 32 weights, already fp32 */
 ALWAYS void block(const int M, V acc[][2], const float *x, int64_t K, int64_t k, V w0, V w1) {
     for (int m = 0; m < M; m++) {
@@ -135,75 +122,98 @@ ALWAYS void block(const int M, V acc[][2], const float *x, int64_t K, int64_t k,
     }
 }
 
-ALWAYS void store(const int M, V acc[][2], const float *extra, float *y, int64_t ldy, int64_t n) {
-    for (int m = 0; m < M; m++)
-        y[m * ldy + n] = v_sum(v_add(acc[m][0], acc[m][1])) + (extra ? extra[m] : 0.0f);
+ALWAYS void sums(const int M, V acc[][2], float *r) {
+    for (int m = 0; m < M; m++) r[m] = v_sum(v_add(acc[m][0], acc[m][1]));
 }
 
 #define ZERO(acc) for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = v_zero()
 
-ALWAYS void row_bf16(const int M, int64_t n, int64_t K, const float *x, const uint16_t *w,
-                     float *y, int64_t ldy) {
+ALWAYS void row_bf16(const int M, int64_t n, const Weight *w, const Input *in, float *r) {
+    const int64_t K = w->K;
     V acc[M][2];
     ZERO(acc);
-    const uint16_t *wr = w + n * K;
-    for (int64_t k = 0; k < K; k += 32) block(M, acc, x, K, k, v_bf16(wr + k), v_bf16(wr + k + 16));
-    store(M, acc, 0, y, ldy, n);
+    const uint16_t *wr = (const uint16_t *)w->q + n * K;
+    for (int64_t k = 0; k < K; k += 32) block(M, acc, in->x, K, k, v_bf16(wr + k), v_bf16(wr + k + 16));
+    sums(M, acc, r);
 }
 
-ALWAYS void row_f32(const int M, int64_t n, int64_t K, const float *x, const float *w,
-                    float *y, int64_t ldy) {
+/* AVX512-BF16: x (a bf16 model's activations: bf16 values) as bf16 too, and each pair of
+   products summed by one vdpbf16ps: a third of the instructions per weight of widening it to fp32,
+   so the loop reads at the memory's pace instead of the core's. The products are exact; the sums
+   are fp32, in another order. */
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define HAVE_DPBF16 1
+ALWAYS __m512bh bh_load(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512(p); }
+ALWAYS void row_bf16_dp(const int M, int64_t n, const Weight *w, const Input *in, float *r) {
+    const int64_t K = w->K;
+    __m512 acc[M][2];
+    for (int m = 0; m < M; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    const uint16_t *wr = (const uint16_t *)w->q + n * K, *x = in->xb;
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {                       /* two chains of 32 weights */
+        const __m512bh w0 = bh_load(wr + k), w1 = bh_load(wr + k + 32);
+        for (int m = 0; m < M; m++) {
+            acc[m][0] = _mm512_dpbf16_ps(acc[m][0], bh_load(x + m * K + k), w0);
+            acc[m][1] = _mm512_dpbf16_ps(acc[m][1], bh_load(x + m * K + k + 32), w1);
+        }
+    }
+    if (k < K) {                                         /* K % 64 == 32 */
+        const __m512bh w0 = bh_load(wr + k);
+        for (int m = 0; m < M; m++) acc[m][0] = _mm512_dpbf16_ps(acc[m][0], bh_load(x + m * K + k), w0);
+    }
+    for (int m = 0; m < M; m++) r[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+}
+#endif
+
+ALWAYS void row_f32(const int M, int64_t n, const Weight *w, const Input *in, float *r) {
+    const int64_t K = w->K;
     V acc[M][2];
     ZERO(acc);
-    const float *wr = w + n * K;
-    for (int64_t k = 0; k < K; k += 32) block(M, acc, x, K, k, v_load(wr + k), v_load(wr + k + 16));
-    store(M, acc, 0, y, ldy, n);
+    const float *wr = (const float *)w->q + n * K;
+    for (int64_t k = 0; k < K; k += 32) block(M, acc, in->x, K, k, v_load(wr + k), v_load(wr + k + 16));
+    sums(M, acc, r);
 }
 
 /* int8 and int4 weights with fp32 activations ("exact": the product of x with the dequantized
    weight, to fp32 rounding; what an as-stored GGUF file runs, so that it equals transformers'
    reading of the file). The weights are widened to fp32 in registers; compute-bound, ~1.4x slower
    than the integer products below. int4: sum_k x_k (q_k d + m) = d sum_k x_k q_k + m sum_k x_k,
-   the group sums of x (xsum, (M, K/G)) computed once per call. */
-ALWAYS void row_int8_fx(const int M, int64_t n, int64_t K, int64_t G, const float *x, const int8_t *q,
-                        const _Float16 *d, float *y, int64_t ldy) {
+   the group sums of x (in->xs, (M, K/G)) made once per product by gemv_prepare. */
+ALWAYS void row_int8_fx(const int M, int64_t n, const Weight *w, const Input *in, float *r) {
+    const int64_t K = w->K, G = w->G;
     V acc[M][2];
     ZERO(acc);
-    const int8_t *qr = q + n * K;
-    const _Float16 *dr = d + n * (K / G);
+    const int8_t *qr = (const int8_t *)w->q + n * K;
+    const _Float16 *dr = w->d + n * (K / G);
     for (int64_t g = 0; g < K / G; g++) {                    /* a group: one scale */
         V scale = v_set((float)dr[g]);
         for (int64_t k = g * G; k < (g + 1) * G; k += 32)
-            block(M, acc, x, K, k, v_mul(scale, v_int8(qr + k)), v_mul(scale, v_int8(qr + k + 16)));
+            block(M, acc, in->x, K, k, v_mul(scale, v_int8(qr + k)), v_mul(scale, v_int8(qr + k + 16)));
     }
-    store(M, acc, 0, y, ldy, n);
+    sums(M, acc, r);
 }
 
-ALWAYS void row_int4_fx(const int M, int64_t n, int64_t K, int64_t G, const float *x, const float *xsum,
-                        const uint8_t *q, const _Float16 *d, const _Float16 *mins, float *y, int64_t ldy) {
+ALWAYS void row_int4_fx(const int M, int64_t n, const Weight *w, const Input *in, float *r) {
+    const int64_t K = w->K, G = w->G, groups = K / G;
     V acc[M][2];
-    float extra[M];
     ZERO(acc);
-    const int64_t groups = K / G;
-    const uint8_t *qr = q + n * (K / 2);
-    const _Float16 *dr = d + n * groups, *mr = mins + n * groups;
+    const uint8_t *qr = (const uint8_t *)w->q + n * (K / 2);
+    const _Float16 *dr = w->d + n * groups, *mr = w->m + n * groups;
     for (int64_t g = 0; g < groups; g++) {
         V scale = v_set((float)dr[g]);
         for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
             const uint8_t *b = qr + k / 2;
-            block(M, acc, x, K, k, v_mul(scale, v_nibbles(b, 0)), v_mul(scale, v_nibbles(b, 1)));
+            block(M, acc, in->x, K, k, v_mul(scale, v_nibbles(b, 0)), v_mul(scale, v_nibbles(b, 1)));
         }
     }
-    for (int m = 0; m < M; m++) {
-        extra[m] = 0.0f;
-        for (int64_t g = 0; g < groups; g++) extra[m] += (float)mr[g] * xsum[m * groups + g];
-    }
-    store(M, acc, extra, y, ldy, n);
+    sums(M, acc, r);
+    for (int m = 0; m < M; m++)
+        for (int64_t g = 0; g < groups; g++) r[m] += (float)mr[g] * in->xs[m * groups + g];
 }
 
 /* -- int8 and int4 weights: integer dot products, as llama.cpp's Q8_0 x Q4_0 / Q4_1 --------------
    Widening every weight to fp32 costs more than reading it: these products are compute-bound in
-   fp32 (int4 ~10 G weights/s per core here). So x is quantized too, once per call, to int8 in
+   fp32 (int4 ~10 G weights/s per core here). So x is quantized too, once per product, to int8 in
    blocks of 32 (xq = round(x / dx), dx = max|x| / 127: llama.cpp's Q8_0 activations), and each
    weight block's sum_j q_j xq_j is one integer dot product (AVX512-VNNI / AVX-VNNI vpdpbusd, or
    AVX2's vpmaddubsw + vpmaddwd), scaled by d dx in fp32:
@@ -293,38 +303,235 @@ static inline int group_shift(int64_t K, int64_t G) { return G == K ? 62 : __bui
             acc[m] = f8_fma(DOT(w0, i8_load(xq + m * K + 32 * b)), SCALE(m, b), acc[m]);     \
     }
 
-ALWAYS void row_int8(const int M, int64_t n, int64_t K, int64_t G, const int8_t *xq, const float *dx,
-                     const int8_t *q, const _Float16 *d, float *y, int64_t ldy) {
-    const int64_t nb = K / 32;
-    const int sh = group_shift(K, G);
+ALWAYS void row_int8(const int M, int64_t n, const Weight *w, const Input *in, float *r) {
+    const int64_t K = w->K, nb = K / 32;
+    const int sh = group_shift(K, w->G);
+    const int8_t *xq = in->xq;
+    const float *dx = in->dx;
     F8 acc[M], acc2[M];
     for (int m = 0; m < M; m++) acc[m] = acc2[m] = f8_zero();
-    const _Float16 *dr = d + n * (K / G);
-    const int8_t *qr = q + n * K;
+    const _Float16 *dr = w->d + n * (K / w->G);
+    const int8_t *qr = (const int8_t *)w->q + n * K;
 #define LOAD8(b) i8_load(qr + 32 * (b))
     BLOCK_LOOP(LOAD8, dot_ss)
-    for (int m = 0; m < M; m++) y[m * ldy + n] = f8_sum(acc[m]) + f8_sum(acc2[m]);
+    for (int m = 0; m < M; m++) r[m] = f8_sum(acc[m]) + f8_sum(acc2[m]);
 }
 
-/* int4's m term: sum_groups m_g * xg[m, g], xg the group sums of the rounded x (the caller's,
-   once per call) */
-ALWAYS void row_int4(const int M, int64_t n, int64_t K, int64_t G, const int8_t *xq, const float *dx,
-                     const float *xg, const uint8_t *q, const _Float16 *d, const _Float16 *mins,
-                     float *y, int64_t ldy) {
-    const int64_t nb = K / 32, groups = K / G;
-    const int sh = group_shift(K, G);
+/* int4's m term: sum_groups m_g * xs[m, g], xs the group sums of the rounded x */
+ALWAYS void row_int4(const int M, int64_t n, const Weight *w, const Input *in, float *r) {
+    const int64_t K = w->K, nb = K / 32, groups = K / w->G;
+    const int sh = group_shift(K, w->G);
+    const int8_t *xq = in->xq;
+    const float *dx = in->dx;
     F8 acc[M], acc2[M];
     for (int m = 0; m < M; m++) acc[m] = acc2[m] = f8_zero();
-    const _Float16 *dr = d + n * groups;
-    const uint8_t *qr = q + n * (K / 2);
+    const _Float16 *dr = w->d + n * groups, *mr = w->m + n * groups;
+    const uint8_t *qr = (const uint8_t *)w->q + n * (K / 2);
 #define LOAD4(b) q4_load(qr + 16 * (b))
     BLOCK_LOOP(LOAD4, dot_us)
-    const _Float16 *mr = mins + n * groups;
     for (int m = 0; m < M; m++) {
         float extra = 0.0f;
-        for (int64_t g = 0; g < groups; g++) extra += (float)mr[g] * xg[m * groups + g];
-        y[m * ldy + n] = f8_sum(acc[m]) + f8_sum(acc2[m]) + extra;
+        for (int64_t g = 0; g < groups; g++) extra += (float)mr[g] * in->xs[m * groups + g];
+        r[m] = f8_sum(acc[m]) + f8_sum(acc2[m]) + extra;
     }
+}
+
+/* -- the same integer products, two blocks per AVX-512 register -----------------------------
+   With AVX512-VNNI one vpdpbusd takes 64 weights: two blocks side by side, 8 int32 lanes each.
+   The blocks' scales d[n, b] dx[m, b] come 16 blocks at a time (one fp16 load, one fp32 load,
+   one multiply) and are spread over the lanes by one vpermps per pair. An int4 pair is 32 bytes,
+   read as [b's low nibbles, b+1's low | b's high, b+1's high], so gemv_prepare stores x's pairs of
+   blocks in that order too (pair_order); a last odd block keeps the natural order and takes the
+   256-bit loop. int4's m term is one FMA per 16 groups. ~2.5x fewer instructions per weight. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define HAVE_VNNI512 1
+static void pair_order(int M, int64_t K, int8_t *xq) {   /* swap the middle 16 bytes of each pair */
+    for (int m = 0; m < M; m++)
+        for (int64_t b = 0; b + 1 < K / 32; b += 2) {
+            int8_t t[16], *p = xq + m * K + 32 * b;
+            memcpy(t, p + 16, 16), memcpy(p + 16, p + 32, 16), memcpy(p + 32, t, 16);
+        }
+}
+
+ALWAYS __m512 f16x16(const _Float16 *p, int count) {   /* count <= 16 fp16 -> fp32 lanes, 0 past */
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)((1u << count) - 1), p));
+}
+ALWAYS __m512 f32x16(const float *p, int count) {
+    return _mm512_maskz_loadu_ps((__mmask16)((1u << count) - 1), p);
+}
+/* d of blocks b0 .. b0 + 15 of row dr (groups of 2^sh blocks; sh 62: one per row) */
+ALWAYS __m512 block_d(const _Float16 *dr, int64_t b0, int sh, int count) {
+    if (sh == 62) return _mm512_set1_ps((float)dr[0]);
+    const __m512 g = f16x16(dr + (b0 >> sh), ((count - 1) >> sh) + 1);
+    return sh ? _mm512_permutexvar_ps(_mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), sh), g) : g;
+}
+/* lane l of pair j: block 2j + which (int8: l / 8; int4: (l / 4) & 1) */
+ALWAYS __m512i pair_lanes(int j, int int4) {
+    const __m512i l = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i which = int4 ? _mm512_and_si512(_mm512_srli_epi32(l, 2), _mm512_set1_epi32(1)) : _mm512_srli_epi32(l, 3);
+    return _mm512_add_epi32(which, _mm512_set1_epi32(2 * j));
+}
+ALWAYS __m512i q4_pair(const uint8_t *p) {
+    const __m256i r = _mm256_loadu_si256((const __m256i *)p);
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(r), _mm256_srli_epi16(r, 4), 1);
+    return _mm512_and_si512(v, _mm512_set1_epi8(15));
+}
+/* one pair (blocks b, b + 1) into acc[m]: int4 (w unsigned) or int8 (|w|, x given w's sign) */
+#define PAIR(ACC, j)                                                                        \
+    {                                                                                       \
+        const int64_t b = b0 + 2 * (j);                                                     \
+        __m512i wv = int4 ? q4_pair(q4 + 16 * b) : _mm512_loadu_si512(q8 + 32 * b);          \
+        const __mmask64 neg = int4 ? 0 : _mm512_movepi8_mask(wv);                           \
+        if (!int4) wv = _mm512_abs_epi8(wv);                                                \
+        const __m512i lanes = pair_lanes(j, int4);                                          \
+        for (int m = 0; m < M; m++) {                                                       \
+            __m512i xv = _mm512_loadu_si512(in->xq + m * K + 32 * b);                       \
+            if (!int4) xv = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);      \
+            const __m512 p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv)); \
+            ACC[m] = _mm512_fmadd_ps(p, _mm512_permutexvar_ps(lanes, s[m]), ACC[m]);         \
+        }                                                                                   \
+    }
+
+ALWAYS void row_int_512(const int M, int64_t n, const Weight *w, const Input *in, float *r, const int int4) {
+    const int64_t K = w->K, nb = K / 32, groups = K / w->G;
+    const int sh = group_shift(K, w->G);
+    const _Float16 *dr = w->d + n * groups;
+    const uint8_t *q4 = (const uint8_t *)w->q + n * (K / 2);
+    const int8_t *q8 = (const int8_t *)w->q + n * K;
+    __m512 acc[M], acc2[M], s[M];
+    for (int m = 0; m < M; m++) acc[m] = acc2[m] = _mm512_setzero_ps();
+    for (int64_t b0 = 0; b0 < nb; b0 += 16) {
+        const int count = nb - b0 < 16 ? (int)(nb - b0) : 16, pairs = count / 2;
+        const __m512 d = block_d(dr, b0, sh, count);
+        for (int m = 0; m < M; m++) s[m] = _mm512_mul_ps(d, f32x16(in->dx + m * nb + b0, count));
+        int j = 0;
+        for (; j + 1 < pairs; j += 2) { PAIR(acc, j) PAIR(acc2, j + 1) }
+        if (j < pairs) PAIR(acc, j)
+    }
+    for (int m = 0; m < M; m++) r[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m], acc2[m]));
+    if (nb & 1) {                                        /* the odd last block, natural order */
+        const int64_t b = nb - 1;
+        const I8x32 wv = int4 ? q4_load(q4 + 16 * b) : i8_load(q8 + 32 * b);
+        for (int m = 0; m < M; m++) {
+            const I8x32 xv = i8_load(in->xq + m * K + 32 * b);
+            r[m] += f8_sum(f8_fma(int4 ? dot_us(wv, xv) : dot_ss(wv, xv), (float)dr[b >> sh] * in->dx[m * nb + b], f8_zero()));
+        }
+    }
+    if (int4) {                                          /* + sum_g m[n, g] xs[m, g] */
+        const _Float16 *mr = w->m + n * groups;
+        for (int m = 0; m < M; m++) {
+            __m512 t = _mm512_setzero_ps();
+            for (int64_t g = 0; g < groups; g += 16) {
+                const int c = groups - g < 16 ? (int)(groups - g) : 16;
+                t = _mm512_fmadd_ps(f16x16(mr + g, c), f32x16(in->xs + m * groups + g, c), t);
+            }
+            r[m] += _mm512_reduce_add_ps(t);
+        }
+    }
+}
+ALWAYS void row_int8_512(const int M, int64_t n, const Weight *w, const Input *in, float *r) { row_int_512(M, n, w, in, r, 0); }
+ALWAYS void row_int4_512(const int M, int64_t n, const Weight *w, const Input *in, float *r) { row_int_512(M, n, w, in, r, 1); }
+#endif
+
+/* What a product needs of x before its rows: the rounded x and its group sums (round_x), or
+   int4's group sums of the fp32 x. in->xq, dx, xs point at buffers of M K bytes and M K / 32 floats. */
+void gemv_prepare(const Weight *w, Input *in) {
+    const int64_t K = w->K, G = w->G, R = in->M * K / G;
+    if (w->kind == W_BF16) {
+        uint16_t *xb = in->xb;
+        in->xb = 0;
+#ifdef HAVE_DPBF16
+        for (int64_t i = 0; i < in->M * K; i++) {       /* only if every value is a bf16 */
+            uint32_t u;
+            memcpy(&u, in->x + i, 4);
+            if (u & 0xffff) return;
+            xb[i] = (uint16_t)(u >> 16);
+        }
+        in->xb = xb;
+#endif
+        (void)xb;
+        return;
+    }
+    if (w->kind != W_INT8 && w->kind != W_INT4) return;
+    if (w->round_x) {
+        quantize_x(in->M, K, in->x, in->xq, in->dx, in->xs);
+#ifdef HAVE_VNNI512
+        if (w->kind == W_INT4) pair_order(in->M, K, in->xq);
+#endif
+        if (w->kind == W_INT4)                         /* block sums -> group sums, in place */
+            for (int64_t i = 0; i < R; i++) {
+                float t = 0.0f;
+                for (int64_t b = 0; b < G / 32; b++) t += in->xs[i * (G / 32) + b];
+                in->xs[i] = t;
+            }
+    } else if (w->kind == W_INT4) {
+        for (int64_t i = 0; i < R; i++) {
+            float t = 0.0f;
+            for (int64_t k = 0; k < G; k++) t += in->x[i * G + k];
+            in->xs[i] = t;
+        }
+    }
+}
+
+/* Rows n0..n1-1 of y (M, ldy) = x @ w.T, under `mode` (OUT_ADD, OUT_BF16). More than 8 rows of x:
+   in chunks of 8, each a pass over the weights. */
+#define ROWS(ROW)                                                                           \
+    for (int64_t n = n0; n < n1; n++) {                                                     \
+        switch (M) {                                                                        \
+        case 1: ROW(1, n, w, &c, r); break;                                                 \
+        case 2: ROW(2, n, w, &c, r); break;                                                 \
+        case 3: ROW(3, n, w, &c, r); break;                                                 \
+        case 4: ROW(4, n, w, &c, r); break;                                                 \
+        case 5: ROW(5, n, w, &c, r); break;                                                 \
+        case 6: ROW(6, n, w, &c, r); break;                                                 \
+        case 7: ROW(7, n, w, &c, r); break;                                                 \
+        default: ROW(8, n, w, &c, r); break;                                                \
+        }                                                                                   \
+        for (int m = 0; m < M; m++) {                                                       \
+            float v = mode & OUT_BF16 ? round_bf16(r[m]) : r[m], *out = yc + m * ldy + n;    \
+            if (mode & OUT_ADD) v = mode & OUT_BF16 ? round_bf16(*out + v) : *out + v;        \
+            *out = v;                                                                       \
+        }                                                                                   \
+    }
+
+void gemv_range(const Weight *w, const Input *in, float *y, int64_t ldy, int64_t n0, int64_t n1, int mode) {
+    const int64_t K = w->K, G = w->G;
+    for (int m0 = 0; m0 < in->M; m0 += MAX_ROWS) {
+        const int M = in->M - m0 < MAX_ROWS ? in->M - m0 : MAX_ROWS;
+        const Input c = {M, in->x + m0 * K, in->xq ? in->xq + m0 * K : 0, in->dx ? in->dx + m0 * K / 32 : 0,
+                         in->xs ? in->xs + m0 * K / G : 0, in->xb ? in->xb + m0 * K : 0};
+        float r[MAX_ROWS], *yc = y + m0 * ldy;
+        switch (w->kind) {
+        case W_F32: ROWS(row_f32) break;
+        case W_BF16:
+#ifdef HAVE_DPBF16
+            if (c.xb) { ROWS(row_bf16_dp) break; }
+#endif
+            ROWS(row_bf16) break;
+#ifdef HAVE_VNNI512
+        case W_INT8: if (w->round_x) { ROWS(row_int8_512) } else { ROWS(row_int8_fx) } break;
+        case W_INT4: if (w->round_x) { ROWS(row_int4_512) } else { ROWS(row_int4_fx) } break;
+#else
+        case W_INT8: if (w->round_x) { ROWS(row_int8) } else { ROWS(row_int8_fx) } break;
+        case W_INT4: if (w->round_x) { ROWS(row_int4) } else { ROWS(row_int4_fx) } break;
+#endif
+        }
+    }
+}
+
+/* One product on its own: prepare, then the threads split the weight's rows. */
+static void gemv(const Weight *w, int M, const float *x, float *y, int64_t ldy, int mode, int threads) {
+    int8_t *xq = malloc(M * w->K);
+    float *dx = malloc(2 * M * w->K / 32 * sizeof(float));
+    uint16_t *xb = malloc(M * w->K * 2);
+    Input in = {M, x, xq, dx, dx + M * w->K / 32, xb};
+    gemv_prepare(w, &in);
+    _Pragma("omp parallel num_threads(threads)")
+    {
+        const int t = omp_get_thread_num(), T = omp_get_num_threads();
+        gemv_range(w, &in, y, ldy, w->N * t / T, w->N * (t + 1) / T, mode);
+    }
+    free(xq), free(dx), free(xb);
 }
 
 /* bf16 weights; io_bf16: x and y are bf16 too (a bf16 model's activations), widened once per call
@@ -332,64 +539,34 @@ ALWAYS void row_int4(const int M, int64_t n, int64_t K, int64_t G, const int8_t 
    without the two tensor casts per product. */
 void gemv_bf16(int M, int64_t N, int64_t K, const void *x, const uint16_t *w, void *y,
                int64_t ldy, int io_bf16, int threads) {
-    if (M < 1 || M > MAX_ROWS) return;
-    const float *xf = x;
-    float *yf = y, *xbuf = 0, *ybuf = 0;
-    if (io_bf16) {
-        xbuf = malloc(M * K * sizeof(float)), ybuf = malloc(M * ldy * sizeof(float));
-        for (int64_t i = 0; i < M * K; i++) xbuf[i] = bf16_f32(((const uint16_t *)x)[i]);
-        xf = xbuf, yf = ybuf;
+    const Weight wt = {W_BF16, 0, N, K, K, w, 0, 0};
+    if (!io_bf16) {
+        gemv(&wt, M, x, y, ldy, 0, threads);
+        return;
     }
-    DISPATCH(row_bf16, K, xf, w, yf, ldy)
-    if (io_bf16) {
-        for (int m = 0; m < M; m++)
-            for (int64_t n = 0; n < N; n++) ((uint16_t *)y)[m * ldy + n] = f32_bf16(ybuf[m * ldy + n]);
-        free(xbuf), free(ybuf);
-    }
+    float *xf = malloc(M * K * sizeof(float)), *yf = malloc(M * ldy * sizeof(float));
+    for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_f32(((const uint16_t *)x)[i]);
+    gemv(&wt, M, xf, yf, ldy, 0, threads);
+    for (int m = 0; m < M; m++)
+        for (int64_t n = 0; n < N; n++) ((uint16_t *)y)[m * ldy + n] = f32_bf16(yf[m * ldy + n]);
+    free(xf), free(yf);
 }
 
-void gemv_f32(int M, int64_t N, int64_t K, const float *x, const float *w, float *y,
-              int64_t ldy, int threads) {
-    if (M < 1 || M > MAX_ROWS) return;
-    DISPATCH(row_f32, K, x, w, y, ldy)
+void gemv_f32(int M, int64_t N, int64_t K, const float *x, const float *w, float *y, int64_t ldy, int threads) {
+    const Weight wt = {W_F32, 0, N, K, K, w, 0, 0};
+    gemv(&wt, M, x, y, ldy, 0, threads);
 }
 
-void gemv_int8_fx(int M, int64_t N, int64_t K, int64_t G, const float *x, const int8_t *q,
-                  const _Float16 *d, float *y, int64_t ldy, int threads) {
-    if (M < 1 || M > MAX_ROWS) return;
-    DISPATCH(row_int8_fx, K, G, x, q, d, y, ldy)
+void gemv_int8(int M, int64_t N, int64_t K, int64_t G, const float *x, const int8_t *q, const _Float16 *d,
+               float *y, int64_t ldy, int round_x, int threads) {
+    const Weight wt = {W_INT8, round_x, N, K, G, q, d, 0};
+    gemv(&wt, M, x, y, ldy, 0, threads);
 }
 
-void gemv_int4_fx(int M, int64_t N, int64_t K, int64_t G, const float *x, const float *xsum,
-                  const uint8_t *q, const _Float16 *d, const _Float16 *mins, float *y, int64_t ldy,
-                  int threads) {
-    if (M < 1 || M > MAX_ROWS) return;
-    DISPATCH(row_int4_fx, K, G, x, xsum, q, d, mins, y, ldy)
-}
-
-void gemv_int8(int M, int64_t N, int64_t K, int64_t G, const float *x, const int8_t *q,
-               const _Float16 *d, float *y, int64_t ldy, int threads) {
-    if (M < 1 || M > MAX_ROWS) return;
-    int8_t *xq = malloc(M * K);
-    float *dx = malloc(2 * M * K / 32 * sizeof(float));
-    quantize_x(M, K, x, xq, dx, dx + M * K / 32);
-    DISPATCH(row_int8, K, G, xq, dx, q, d, y, ldy)
-    free(xq), free(dx);
-}
-
-void gemv_int4(int M, int64_t N, int64_t K, int64_t G, const float *x, const uint8_t *q,
-               const _Float16 *d, const _Float16 *mins, float *y, int64_t ldy, int threads) {
-    if (M < 1 || M > MAX_ROWS) return;
-    int8_t *xq = malloc(M * K);
-    float *dx = malloc(2 * M * K / 32 * sizeof(float)), *xs = dx + M * K / 32;
-    quantize_x(M, K, x, xq, dx, xs);
-    for (int64_t i = 0; i < M * K / G; i++) {      /* block sums -> group sums, in place */
-        float t = 0.0f;
-        for (int64_t b = 0; b < G / 32; b++) t += xs[i * (G / 32) + b];
-        xs[i] = t;
-    }
-    DISPATCH(row_int4, K, G, xq, dx, xs, q, d, mins, y, ldy)
-    free(xq), free(dx);
+void gemv_int4(int M, int64_t N, int64_t K, int64_t G, const float *x, const uint8_t *q, const _Float16 *d,
+               const _Float16 *mins, float *y, int64_t ldy, int round_x, int threads) {
+    const Weight wt = {W_INT4, round_x, N, K, G, q, d, mins};
+    gemv(&wt, M, x, y, ldy, 0, threads);
 }
 
 /* Whole weights back to floats, for many rows: a prefill multiplies the dequantized weight with

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(n) for n in ("cpu_gemv.c", "cpu_decode.c")]   # one library
+SOURCES = [Path(__file__).with_name(n) for n in ("cpu_gemv.c", "cpu_decode.c", "cpu_step.c")]   # one library
 HEADERS = [Path(__file__).with_name("cpu_common.h")]                             # in the cache key
 MAX_ROWS = 8
 _error: str | None = None
@@ -89,10 +89,8 @@ def _lib():
     L = ctypes.c_int64
     lib.gemv_f32.argtypes = [i, L, L, p, p, p, L, i]
     lib.gemv_bf16.argtypes = [i, L, L, p, p, p, L, i, i]
-    lib.gemv_int8.argtypes = [i, L, L, L, p, p, p, p, L, i]
-    lib.gemv_int4.argtypes = [i, L, L, L, p, p, p, p, p, L, i]
-    lib.gemv_int8_fx.argtypes = [i, L, L, L, p, p, p, p, L, i]
-    lib.gemv_int4_fx.argtypes = [i, L, L, L, p, p, p, p, p, p, L, i]
+    lib.gemv_int8.argtypes = [i, L, L, L, p, p, p, p, L, i, i]
+    lib.gemv_int4.argtypes = [i, L, L, L, p, p, p, p, p, L, i, i]
     lib.dequant_int8.argtypes = [L, L, L, p, p, p, i, i]
     lib.dequant_int4.argtypes = [L, L, L, p, p, p, p, i, i]
     f = ctypes.c_float
@@ -100,6 +98,7 @@ def _lib():
     lib.rmsnorm.argtypes = [L, L, p, p, f, p]
     lib.qkv_store.argtypes = [i, i, i, i, p, p, p, f, p, p, p, p, i, p]
     lib.silu_mul.argtypes = [L, L, p, p]
+    lib.decode_step.argtypes = [p, i, p, p, p, p, p, L, p, p, L, p, p, i]
     return lib
 
 
@@ -145,8 +144,8 @@ def gemv_int8(x, q, d, round_x: bool = True) -> torch.Tensor:
     N, K = q.shape
     M = _rows(x, K)
     y = x.new_empty(*x.shape[:-1], N)
-    fn = _lib().gemv_int8 if round_x else _lib().gemv_int8_fx
-    fn(M, N, K, K // d.shape[1], x.data_ptr(), q.data_ptr(), d.data_ptr(), y.data_ptr(), N, torch.get_num_threads())
+    _lib().gemv_int8(M, N, K, K // d.shape[1], x.data_ptr(), q.data_ptr(), d.data_ptr(), y.data_ptr(), N,
+                     int(round_x), torch.get_num_threads())
     return y
 
 
@@ -154,13 +153,8 @@ def gemv_int4(x, q, d, m, round_x: bool = True) -> torch.Tensor:
     N, K = q.shape[0], 2 * q.shape[1]
     M = _rows(x, K)
     y = x.new_empty(*x.shape[:-1], N)
-    G, t = K // d.shape[1], torch.get_num_threads()
-    if round_x:
-        _lib().gemv_int4(M, N, K, G, x.data_ptr(), q.data_ptr(), d.data_ptr(), m.data_ptr(), y.data_ptr(), N, t)
-    else:
-        xsum = x.view(M, -1, G).sum(-1)                                           # (M, K/G)
-        _lib().gemv_int4_fx(M, N, K, G, x.data_ptr(), xsum.data_ptr(), q.data_ptr(), d.data_ptr(),
-                            m.data_ptr(), y.data_ptr(), N, t)
+    _lib().gemv_int4(M, N, K, K // d.shape[1], x.data_ptr(), q.data_ptr(), d.data_ptr(), m.data_ptr(),
+                     y.data_ptr(), N, int(round_x), torch.get_num_threads())
     return y
 
 

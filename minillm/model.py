@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from . import cpu, quant
+from . import cpu, decode_step, quant
 from .attention import Step
 from .cache import KVCache
 from .config import Config, RunSettings
@@ -99,6 +99,17 @@ class Decoder(nn.Module):
             quant.quantize_modules(self, run.scheme, Linear, run.schemes)
         self.set_cpu_plan(run.cpu_plan)
 
+    def fused_decode(self):
+        """The decode step as one C call (decode_step.py), built on first use; None where it
+        does not take this model (decode_step.why_not)."""
+        if "_fused" not in self.__dict__:
+            self._fused = None if decode_step.why_not(self) else decode_step.DecodeStep(self)
+        return self._fused
+
+    def _apply(self, fn, *args, **kwargs):   # .to(), .float(), ...: the weights move
+        self.__dict__.pop("_fused", None)
+        return super()._apply(fn, *args, **kwargs)
+
     def extra_repr(self) -> str:
         return f"arch={self.cfg.arch!r}, run={self.run}"
 
@@ -120,6 +131,7 @@ class Decoder(nn.Module):
         more per call than BLAS, more than it saves on a weight under 1 MiB."""
         layout, onednn_rows, loop_rows = cpu.PLANS[plan]
         self.run = replace(self.run, cpu_plan=plan)
+        self.__dict__.pop("_fused", None)                     # it points at the weights
         for m in self.modules():
             if not isinstance(m, Linear):
                 continue
@@ -133,6 +145,7 @@ class Decoder(nn.Module):
 
     def reset_buffers(self):
         """After allocating on the meta device: recompute what is derived, not loaded."""
+        self.__dict__.pop("_fused", None)
         if self.cfg.pos == "rope":
             self.rotary.reset(self.device)
         if self.cfg.tie_embeddings and not isinstance(self.embed, quant.QEmbedding):   # to_empty() untied them
@@ -156,6 +169,9 @@ class Decoder(nn.Module):
             x = x + self.pos_embed(step.pos)
         else:
             rope = self.rotary(step.pos, x.dtype)
+        if step.cpu_decode and self.fused_decode():           # every layer and the head in one call
+            logits = self._fused(x, rope, step)                # (B, T, V)
+            return logits if last is None else logits[torch.arange(B, device=x.device), last]
         for block in self.layers:
             x = block(x, rope, step)
         if last is not None:

@@ -37,19 +37,23 @@ def test_pack_order_is_llama_cpps_q4():
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
-def test_float_weights(M):
-    w = torch.randn(200, 96) * 0.1
-    x = torch.randn(M, 96)
+@pytest.mark.parametrize("K", [96, 128])
+def test_float_weights(M, K):
+    w = torch.randn(200, K) * 0.1
+    x = torch.randn(M, K)
     assert rel_err(g.gemv(x, w), g.gemv_ref(x, w)) < 1e-5
     wb = w.bfloat16()
-    assert rel_err(g.gemv(x, wb), g.gemv_ref(x, wb)) < 1e-5
-    xb = x.bfloat16()                     # bf16 in and out: the fp32 product's rounding, exactly
+    assert rel_err(g.gemv(x, wb), g.gemv_ref(x, wb)) < 1e-5    # fp32 x: widened weights
+    xb = x.bfloat16()                     # x holding bf16 values: AVX512-BF16 dot products where the CPU has them
+    assert rel_err(g.gemv(xb.float(), wb), g.gemv_ref(xb, wb)) < 1e-5
+    # bf16 in and out: the fp32 product's rounding, exactly
     got = g.gemv(xb, wb)
     assert got.dtype == torch.bfloat16 and torch.equal(got, g.gemv(xb.float(), wb).bfloat16())
 
 
 @pytest.mark.parametrize("M", [1, 4, 8])
-@pytest.mark.parametrize("G,K", [(32, 256), (64, 256), (128, 256), (0, 256), (0, 96), (0, 576)])
+@pytest.mark.parametrize("G,K", [(32, 256), (64, 256), (128, 256), (0, 256), (0, 96), (0, 576), (32, 544),
+                                 (32, 1056), (128, 640)])
 def test_int8(M, G, K):
     """G = 0: one scale per row, over any number of blocks (3 and 18 too, not a power of two)."""
     N = 72
@@ -68,9 +72,11 @@ def test_int8(M, G, K):
 
 
 @pytest.mark.parametrize("M", [1, 3, 8])
-@pytest.mark.parametrize("G", [32, 64, 128])
-def test_int4(M, G):
-    N, K = 40, 384
+@pytest.mark.parametrize("G,K", [(32, 384), (64, 384), (128, 384), (32, 96), (32, 544), (32, 1056), (64, 576),
+                                 (128, 640)])
+def test_int4(M, G, K):
+    """Block counts odd and even, over and under 16 (the AVX-512 loop takes 16 blocks' scales at once)."""
+    N = 40
     q, d, m = int4_weight(N, K, G)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
     got = g.gemv_int4(x, q, d, m)
