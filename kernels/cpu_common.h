@@ -44,6 +44,9 @@ enum { OUT_ADD = 1, OUT_BF16 = 2 };   /* y += result; results rounded to bf16 (v
 /* the buffers an Input over rows of up to K columns needs: xq (M K bytes), dx and xs (M K / 32
    floats each), xb (M K uint16) */
 void gemv_prepare(const Weight *w, Input *in);
+/* thread t of T computes rows [split(N, t, T), split(N, t + 1, T)): whole groups of 4 rows (the
+   4-row loops), so each row is summed the same way whatever the thread count */
+static inline int64_t split(int64_t N, int t, int T) { return t == T ? N : N / 4 * t / T * 4; }
 void gemv_range(const Weight *w, const Input *in, float *y, int64_t ldy, int64_t n0, int64_t n1, int mode);
 
 /* -- decode's small steps (cpu_decode.c) ---------------------------------------------------- */

@@ -45,7 +45,7 @@ static void product(const Weight *w, int M, const float *x, float *y, int64_t ld
         gemv_prepare(w, in);
     }                                                 /* (single ends at a barrier) */
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
-    gemv_range(w, in, y, ldy, w->N * t / T, w->N * (t + 1) / T, mode);
+    gemv_range(w, in, y, ldy, split(w->N, t, T), split(w->N, t + 1, T), mode);
     _Pragma("omp barrier")
 }
 

@@ -89,14 +89,21 @@ def test_int4(M, G, K):
 
 
 def test_threads_split_rows_not_results():
+    """Each row is summed by one thread, in one order (one row of x takes 4 weight rows at a time:
+    the threads split at multiples of 4), whatever the thread count."""
     q, d, m = int4_weight(333, 128, 32)
-    x = torch.randn(2, 128)
+    w = torch.randn(333, 128)
+    products = [lambda x: g.gemv_int4(x, q, d, m), lambda x: g.gemv(x, w),
+                lambda x: g.gemv(x.bfloat16().float(), w.bfloat16())]
     n = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = g.gemv_int4(x, q, d, m)
-        torch.set_num_threads(max(2, n))
-        assert torch.equal(g.gemv_int4(x, q, d, m), one)   # each row is summed by one thread, in one order
+        for M in (1, 2):
+            x = torch.randn(M, 128)
+            torch.set_num_threads(1)
+            one = [f(x) for f in products]
+            for threads in (2, 3):
+                torch.set_num_threads(threads)
+                assert all(torch.equal(f(x), o) for f, o in zip(products, one))
     finally:
         torch.set_num_threads(n)
 
