@@ -44,7 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError
+from . import kernels
 from .kernels import cpu_gemv
+from .kernels.quant_gemv import MAX_ROWS as GPU_ROWS
 
 GROUPS = (32, 64, 128)      # int4 group sizes offered
 SCALE_DTYPE = torch.float16
@@ -226,6 +228,9 @@ class Packed(nn.Module):
             if self.round_x:                            # x as the decode rows round it
                 x = cpu_gemv.round_x(x.reshape(-1, self.K)).to(x.dtype).view(x.shape)
             return F.linear(x, out)
+        if x.is_cuda and 0 < x.numel() <= GPU_ROWS * self.K and kernels.triton_available()[0]:
+            # decode on GPU: kernels/quant_gemv.py dequantizes in registers (reads 1 or 0.5 bytes a weight)
+            return kernels.quant_gemv(x.reshape(-1, self.K), q, d, m).view(*x.shape[:-1], self.N)
         if x.is_cuda and m is None and self.scheme.group == 0:   # gpt-fast's int8: the cast fuses under compile
             return F.linear(x, q.to(x.dtype)) * d[:, 0].to(x.dtype)
         return F.linear(x, self.dense(e, x.dtype))
