@@ -12,12 +12,24 @@ launchers raise a clear error if called without it. `triton_available()` tells w
 kernels can run here (CUDA, or CPU tensors under TRITON_INTERPRET=1).
 """
 
-from ._common import triton_available
-from .decode import decode_attention, decode_attention_ref
-from .mla_decode import mla_decode, mla_decode_ref
-from .paged_decode import paged_decode_attention, paged_decode_attention_ref
-from .prefill import prefill_attention, prefill_attention_ref
-from .quant_gemv import quant_gemv, quant_gemv_ref
+import importlib
+
+# name -> the module defining it, imported on first use (PEP 562): the CPU kernels' modules
+# (cpu_gemv, cpu_decode, cpu_step) need no triton, and importing it costs ~0.3 s of a cold start
+# on a machine that will never launch a Triton kernel
+_WHERE = {"triton_available": "_common", "prefill_attention": "prefill", "prefill_attention_ref": "prefill",
+          "decode_attention": "decode", "decode_attention_ref": "decode", "mla_decode": "mla_decode",
+          "mla_decode_ref": "mla_decode", "paged_decode_attention": "paged_decode",
+          "paged_decode_attention_ref": "paged_decode", "quant_gemv": "weight_only", "quant_gemv_ref": "weight_only"}
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value          # after the import, which set the submodule of the same name
+    return value
+
 
 __all__ = [
     "triton_available",

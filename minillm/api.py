@@ -10,7 +10,6 @@ from typing import Iterator
 import torch
 
 from . import quant
-from .chat import ChatTemplate, ChatTemplateError, special_tokens
 from .config import Config
 from .engine import Engine, EngineSettings, SamplingParams
 from .errors import UsageError
@@ -157,9 +156,11 @@ class LLM:
     @cached_property
     def chat_template(self) -> ChatTemplate | None:
         """The checkpoint's chat template (None where it has none); assign a ChatTemplate to replace it."""
+        from .chat import ChatTemplate   # jinja2: imported when a template is wanted (~0.1 s of a cold start)
         return ChatTemplate.from_dir(self.path) if self.path.is_dir() else None
 
     def _template(self, chat_template: str | None) -> ChatTemplate:
+        from .chat import ChatTemplate, ChatTemplateError, special_tokens
         if self.chat_template is not None:
             return self.chat_template
         if chat_template is None:
@@ -290,6 +291,7 @@ def load(name_or_path: str | Path | None = None, device=None, dtype=None, backen
         model, tokenizer, hf = gguf.load_model(file, device, dtype, backend, quantize, progress)
         llm = LLM(model, tokenizer, file, hf, {})
         if tokenizer is not None and tokenizer.chat_template:   # the metadata's tokenizer.chat_template
+            from .chat import ChatTemplate
             named = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}
             llm.chat_template = ChatTemplate({"default": tokenizer.chat_template},
                                              {k: v for k, v in named.items() if v is not None},

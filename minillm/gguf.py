@@ -32,7 +32,7 @@ from .gguf_file import FLOATS, GGUFFile
 from . import quant
 from .config import RunSettings
 from .gguf_file import BLOCKS, blocks
-from .loader import _fill, build, destinations, pick_backend, progress_bar, settings
+from .loader import _fill, build, destinations, pick_backend, progress_bar, settings, weights_loaded
 from .locate import LoadError, default_dtype
 from .tokenizer import Tokenizer, TokenizerError
 
@@ -192,6 +192,7 @@ def load_weights(model, adapter, f: GGUFFile, progress: bool | None = None):
                                 f"{tuple(params[d.param].shape)}") from None
     if bar:
         bar.close()
+    weights_loaded(model)
     for name, p in params.items():
         if filled[name] != p.numel():
             want = expected(adapter, cfg, name, f.shapes)

@@ -123,7 +123,7 @@ def build(cfg: Config, device, dtype, run: RunSettings = RunSettings()) -> Decod
 def allocate(model: Decoder, device):
     """model.to_empty(device), minus its meta-device empty_like (whose first call imports sympy:
     0.3 s of a cold start). On CPU every parameter and buffer becomes a view into one allocation,
-    in module order (the order decode streams them) and in 2 MiB pages (cpu.huge_pages)."""
+    in module order (the order decode streams them), put in 2 MiB pages once filled (weights_loaded)."""
     if torch.device(device).type != "cpu":
         model._apply(lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device))
         return
@@ -131,11 +131,23 @@ def allocate(model: Decoder, device):
     nbytes = {k: t.numel() * t.element_size() for k, t in tensors.items()}
     padded = {k: -(-n // 64) * 64 for k, n in nbytes.items()}               # 64-byte aligned
     arena = torch.empty(sum(padded.values()) + cpu.HUGE_PAGE, dtype=torch.uint8)
-    at, views = cpu.huge_pages(arena), {}
+    at, views = cpu.huge_page_offset(arena), {}
+    model.arena = arena
     for k, t in tensors.items():
         views[k] = arena[at:at + nbytes[k]].view(t.dtype).as_strided(t.shape, t.stride())
         at += padded[k]
     model._apply(lambda t: views[id(t)])
+
+
+def weights_loaded(model: Decoder):
+    """After the last weight is in: its CPU allocation into 2 MiB pages (cpu.huge_pages), in a
+    thread, so that a load does not wait ~1 s for the kernel's compaction (the weights are only
+    read from now on: collapsing pages under readers is safe). Asked before the fill instead,
+    every first touch faulted a 2 MiB page through that compaction, in the load's own time."""
+    if getattr(model, "arena", None) is not None:
+        import threading
+        model.paging = threading.Thread(target=cpu.huge_pages, args=(model.arena,), daemon=True)
+        model.paging.start()
 
 
 def checkpoint_names(files: list[Path]) -> dict[str, Path]:
@@ -222,6 +234,7 @@ def load_weights(model: Decoder, adapter, files: list[Path], progress: bool | No
             raise LoadError(f"corrupt or truncated safetensors file {file}: {e}") from None
     if bar:
         bar.close()
+    weights_loaded(model)
     for name, p in params.items():   # check_names saw every expected tensor: this is the adapter's check
         if filled[name] != p.numel():
             raise LoadError(f"parameter {name!r} is {filled[name]} of {p.numel()} values filled: "

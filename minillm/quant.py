@@ -44,9 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError
-from . import kernels
 from .kernels import cpu_gemv
-from .kernels.quant_gemv import MAX_ROWS as GPU_ROWS
 
 GROUPS = (32, 64, 128)      # int4 group sizes offered
 SCALE_DTYPE = torch.float16
@@ -228,9 +226,10 @@ class Packed(nn.Module):
             if self.round_x:                            # x as the decode rows round it
                 x = cpu_gemv.round_x(x.reshape(-1, self.K)).to(x.dtype).view(x.shape)
             return F.linear(x, out)
-        if x.is_cuda and 0 < x.numel() <= GPU_ROWS * self.K and kernels.triton_available()[0]:
-            # decode on GPU: kernels/quant_gemv.py dequantizes in registers (reads 1 or 0.5 bytes a weight)
-            return kernels.quant_gemv(x.reshape(-1, self.K), q, d, m).view(*x.shape[:-1], self.N)
+        if x.is_cuda and 0 < x.numel() <= cpu_gemv.MAX_ROWS * self.K and _gpu_kernels():
+            # decode on GPU: kernels/weight_only.py dequantizes in registers (1 or 0.5 bytes a weight)
+            from .kernels.weight_only import quant_gemv
+            return quant_gemv(x.reshape(-1, self.K), q, d, m).view(*x.shape[:-1], self.N)
         if x.is_cuda and m is None and self.scheme.group == 0:   # gpt-fast's int8: the cast fuses under compile
             return F.linear(x, q.to(x.dtype)) * d[:, 0].to(x.dtype)
         return F.linear(x, self.dense(e, x.dtype))
@@ -240,6 +239,11 @@ class Packed(nn.Module):
         xf, r = cpu_gemv.f32(x), self.round_x
         y = cpu_gemv.gemv_int8(xf, q, d, r) if m is None else cpu_gemv.gemv_int4(xf, q, d, m, r)
         return y if x.dtype is torch.float32 else y.to(x.dtype)
+
+
+def _gpu_kernels() -> bool:
+    from .kernels import triton_available   # imports triton: only when a CUDA tensor gets here
+    return triton_available()[0]
 
 
 _scratch_buffers: dict[tuple, torch.Tensor] = {}

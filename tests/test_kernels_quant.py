@@ -1,4 +1,4 @@
-"""kernels/quant_gemv.py (the GPU's int8/int4 weight-only decode product) against its torch
+"""kernels/weight_only.py (the GPU's int8/int4 weight-only decode product) against its torch
 reference, under TRITON_INTERPRET=1 on CPU (tests/run.sh runs test_kernels*.py so)."""
 import pytest
 import torch

@@ -21,7 +21,7 @@ import torch
 from ._common import check_same_device, is_interpreted, require_triton, tl, triton
 from .cpu_gemv import dequant_int4_ref, dequant_int8_ref
 
-MAX_ROWS = 8
+MAX_ROWS = 8   # as the CPU loops' (quant.Packed.mm sends this many rows to either)
 
 
 @triton.jit
