@@ -89,6 +89,43 @@ def onednn_linear(x, w, b=None):
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
+@functools.cache
+def upcast_bf16() -> bool:
+    """Whether bf16 products of many rows (prefill) run in fp32 here: on a CPU without AMX, oneDNN's
+    bf16 GEMM (AVX512-BF16 at best) is slower than MKL's fp32 one even counting the weight's
+    conversion (SmolLM2's gate|up at 512 rows, 2 threads, on an AVX512-BF16 Xeon without AMX:
+    11.9 ms bf16, 7.5 ms converted to fp32). The products are exact in fp32 either way and sum in
+    fp32; the output is rounded to bf16 once. MINILLM_BF16_UPCAST=0 or 1 overrides."""
+    forced = os.environ.get("MINILLM_BF16_UPCAST")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "amx_bf16" not in flags and platform.machine() in ("x86_64", "AMD64")
+
+
+_scratch_buffers: dict[torch.dtype, torch.Tensor] = {}
+
+
+def scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """One reusable buffer per dtype for a weight converted for one product (a dequantized int8/int4
+    weight, a bf16 weight in fp32): allocating one per product would cost a page fault per 4 KiB
+    each time. Grows to the largest weight."""
+    buf = _scratch_buffers.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch_buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+def upcast_linear(x, w, b=None):
+    """F.linear of bf16 x and w (and b) computed in fp32 (upcast_bf16), the output bf16."""
+    wf = scratch(w.numel(), torch.float32).view(w.shape).copy_(w)
+    return F.linear(x.float(), wf, None if b is None else b.float()).to(x.dtype)
+
+
 def loops_linear(x, w, b=None):
     """kernels/cpu_gemv.c's product for few rows: fp32 sums, the output in x's dtype."""
     if x.numel() == 0:

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config
-from .cpu import loops_linear, onednn_linear
+from .cpu import loops_linear, onednn_linear, upcast_bf16, upcast_linear
 from .kernels import cpu_decode
+from .kernels.cpu_gemv import MAX_ROWS
 
 
 class RMSNorm(nn.Module):
@@ -48,6 +49,8 @@ class Linear(nn.Linear):
             rows = x.numel() // x.shape[-1]
             if rows <= self.loop_rows:
                 return loops_linear(x, self.weight, self.bias)
+            if x.dtype is torch.bfloat16 and self.weight.dtype is torch.bfloat16 and rows > MAX_ROWS and upcast_bf16():
+                return upcast_linear(x, self.weight, self.bias)        # prefill without AMX
             if self.onednn_rows and rows >= self.onednn_rows:
                 return onednn_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UsageError
+from . import cpu
 from .kernels import cpu_gemv
 
 GROUPS = (32, 64, 128)      # int4 group sizes offered
@@ -221,11 +222,14 @@ class Packed(nn.Module):
         if x.is_cpu and cpu_gemv.available():
             if 0 < x.numel() <= cpu_gemv.MAX_ROWS * self.K:   # decode: integer dot products
                 return self._gemv(x, q, d, m)
-            out = _scratch(self.N * self.K, x.dtype).view(self.N, self.K)   # prefill: a matmul
+            # prefill: a matmul, in fp32 where the CPU's bf16 GEMMs are slower (cpu.upcast_bf16)
+            dtype = torch.float32 if x.dtype is torch.bfloat16 and cpu.upcast_bf16() else x.dtype
+            out = cpu.scratch(self.N * self.K, dtype).view(self.N, self.K)
             cpu_gemv.dequant_int8(q, d, out) if m is None else cpu_gemv.dequant_int4(q, d, m, out)
+            xr = x
             if self.round_x:                            # x as the decode rows round it
-                x = cpu_gemv.round_x(x.reshape(-1, self.K)).to(x.dtype).view(x.shape)
-            return F.linear(x, out)
+                xr = cpu_gemv.round_x(x.reshape(-1, self.K)).to(x.dtype).view(x.shape)
+            return F.linear(xr.to(dtype), out).to(x.dtype)
         if x.is_cuda and 0 < x.numel() <= cpu_gemv.MAX_ROWS * self.K and _gpu_kernels():
             # decode on GPU: kernels/weight_only.py dequantizes in registers (1 or 0.5 bytes a weight)
             from .kernels.weight_only import quant_gemv
@@ -244,18 +248,6 @@ class Packed(nn.Module):
 def _gpu_kernels() -> bool:
     from .kernels import triton_available   # imports triton: only when a CUDA tensor gets here
     return triton_available()[0]
-
-
-_scratch_buffers: dict[tuple, torch.Tensor] = {}
-
-
-def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """One reusable buffer per dtype for dequantized weights (prefill): allocating one per
-    product would cost a page fault per 4 KiB each time. Grows to the largest weight."""
-    buf = _scratch_buffers.get(dtype)
-    if buf is None or buf.numel() < numel:
-        buf = _scratch_buffers[dtype] = torch.empty(numel, dtype=dtype)
-    return buf[:numel]
 
 
 class QLinear(Packed):

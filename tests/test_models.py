@@ -155,3 +155,19 @@ def test_llama_layout_with_tanh_gelu(tmp_path):
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, hidden_act="gelu_pytorch_tanh")
     matches_transformers(LlamaForCausalLM, config, tmp_path, seed=8)
+
+
+def test_bf16_prefill_upcast_equals_bf16_gemm(checkpoints, monkeypatch):
+    """Without AMX, bf16 products of many rows run in fp32 (cpu.upcast_bf16): the same products
+    (exact in fp32) and fp32 sums, so the logits agree with oneDNN's bf16 GEMM to bf16 rounding."""
+    from minillm import cpu
+    llm = minillm.load(checkpoints["llama-bf16"], device="cpu", dtype="bfloat16")
+    ids = ids_for(3)
+    out = {}
+    for up in ("0", "1"):
+        monkeypatch.setenv("MINILLM_BF16_UPCAST", up)
+        cpu.upcast_bf16.cache_clear()
+        out[up] = llm.logits(ids)
+    cpu.upcast_bf16.cache_clear()
+    assert (out["0"] - out["1"]).abs().max() <= 0.02 * out["0"].abs().max()
+    assert (out["0"].argmax(-1) == out["1"].argmax(-1)).float().mean() > 0.95
