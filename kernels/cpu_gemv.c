@@ -444,6 +444,55 @@ ALWAYS void row_int_512(const int M, int64_t n, const Weight *w, const Input *in
         }
     }
 }
+/* One row of x against 4 weight rows (int8 or int4, round_x), for decode at batch 1: x's blocks
+   are loaded once for 4 rows and 4 independent chains keep the VNNI unit busy; the sums are the
+   row-by-row loop's, in the same block order (one accumulator per row instead of two). */
+ALWAYS void rows4_int_512(int64_t n, const Weight *w, const Input *in, float *r, const int int4) {
+    const int64_t K = w->K, nb = K / 32, groups = K / w->G;
+    const int sh = group_shift(K, w->G);
+    __m512 acc[4], s[4];
+    for (int i = 0; i < 4; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t b0 = 0; b0 < nb; b0 += 16) {
+        const int count = nb - b0 < 16 ? (int)(nb - b0) : 16, pairs = count / 2;
+        const __m512 dxv = f32x16(in->dx + b0, count);
+        for (int i = 0; i < 4; i++) s[i] = _mm512_mul_ps(block_d(w->d + (n + i) * groups, b0, sh, count), dxv);
+        for (int j = 0; j < pairs; j++) {
+            const int64_t b = b0 + 2 * j;
+            const __m512i xv = _mm512_loadu_si512(in->xq + 32 * b), lanes = pair_lanes(j, int4);
+            for (int i = 0; i < 4; i++) {
+                __m512i wv, xs = xv;
+                if (int4) {
+                    wv = q4_pair((const uint8_t *)w->q + (n + i) * (K / 2) + 16 * b);
+                } else {
+                    wv = _mm512_loadu_si512((const int8_t *)w->q + (n + i) * K + 32 * b);
+                    xs = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(wv), _mm512_setzero_si512(), xv);
+                    wv = _mm512_abs_epi8(wv);
+                }
+                const __m512 p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xs));
+                acc[i] = _mm512_fmadd_ps(p, _mm512_permutexvar_ps(lanes, s[i]), acc[i]);
+            }
+        }
+    }
+    for (int i = 0; i < 4; i++) {
+        if (int4) {                                      /* + sum_g m[n, g] xs[g] */
+            const _Float16 *mr = w->m + (n + i) * groups;
+            for (int64_t g = 0; g < groups; g += 16) {
+                const int c = groups - g < 16 ? (int)(groups - g) : 16;
+                acc[i] = _mm512_fmadd_ps(f16x16(mr + g, c), f32x16(in->xs + g, c), acc[i]);
+            }
+        }
+        r[i] = _mm512_reduce_add_ps(acc[i]);
+        if (nb & 1) {                                    /* the odd last block, natural order */
+            const int64_t b = nb - 1;
+            const I8x32 wv = int4 ? q4_load((const uint8_t *)w->q + (n + i) * (K / 2) + 16 * b)
+                                  : i8_load((const int8_t *)w->q + (n + i) * K + 32 * b);
+            const I8x32 xv = i8_load(in->xq + 32 * b);
+            r[i] += f8_sum(f8_fma(int4 ? dot_us(wv, xv) : dot_ss(wv, xv),
+                                  (float)w->d[(n + i) * groups + (b >> sh)] * in->dx[b], f8_zero()));
+        }
+    }
+}
+
 ALWAYS void row_int8_512(const int M, int64_t n, const Weight *w, const Input *in, float *r) { row_int_512(M, n, w, in, r, 0); }
 ALWAYS void row_int4_512(const int M, int64_t n, const Weight *w, const Input *in, float *r) { row_int_512(M, n, w, in, r, 1); }
 #endif
@@ -524,6 +573,13 @@ void gemv_range(const Weight *w, const Input *in, float *y, int64_t ldy, int64_t
                 rows4_f32(n0, w, c.x, r);
                 for (int j = 0; j < 4; j++) store(yc + n0 + j, r[j], mode);
             }
+#ifdef HAVE_VNNI512
+        if (M == 1 && (w->kind == W_INT8 || w->kind == W_INT4) && w->round_x)
+            for (; n0 + 4 <= n1; n0 += 4) {
+                rows4_int_512(n0, w, &c, r, w->kind == W_INT4);
+                for (int j = 0; j < 4; j++) store(yc + n0 + j, r[j], mode);
+            }
+#endif
         switch (w->kind) {
         case W_F32: ROWS(row_f32) break;
         case W_BF16:

@@ -33,19 +33,22 @@ typedef struct {
     Weight head;
 } Model;
 
-typedef struct { int8_t *xq; float *dx, *xs; uint16_t *xb; } Buffers;
+typedef struct { int8_t *xq; float *dx, *xs; uint16_t *xb; } Buffers;   /* one thread's (Input) */
 
-/* y = x @ w.T for M rows (mode OUT_*): one thread prepares x (rounding, group sums), then each
-   thread computes its share of the weight's rows. */
-static void product(const Weight *w, int M, const float *x, float *y, int64_t ldy, int mode, Input *in,
-                    const Buffers *buf) {
-    _Pragma("omp single")
-    {
-        *in = (Input){M, x, buf->xq, buf->dx, buf->xs, buf->xb};
-        gemv_prepare(w, in);
-    }                                                 /* (single ends at a barrier) */
+static Buffers buffers(int M, int64_t K) {
+    Buffers b = {malloc(M * K), malloc(2 * M * K / 32 * sizeof(float)), 0, malloc(M * K * 2)};
+    b.xs = b.dx + M * K / 32;
+    return b;
+}
+
+/* y = x @ w.T for M rows (mode OUT_*): every thread prepares x (rounding, group sums) in its own
+   buffers, the same numbers each, rather than one thread while the others wait at two barriers;
+   then each computes its share of the weight's rows, and all meet at one barrier. */
+static void product(const Weight *w, int M, const float *x, float *y, int64_t ldy, int mode, const Buffers *buf) {
+    Input in = {M, x, buf->xq, buf->dx, buf->xs, buf->xb};
+    gemv_prepare(w, &in);
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
-    gemv_range(w, in, y, ldy, split(w->N, t, T), split(w->N, t + 1, T), mode);
+    gemv_range(w, &in, y, ldy, split(w->N, t, T), split(w->N, t + 1, T), mode);
     _Pragma("omp barrier")
 }
 
@@ -81,20 +84,18 @@ void decode_step(const Model *md, int M, float *x, const float *cos, const float
     const int H = md->H, Hkv = md->Hkv, D = md->D, bf16 = md->bf16, mode = bf16 ? OUT_BF16 : 0;
     const int64_t C = md->C, I = md->I, QKV = (int64_t)(H + 2 * Hkv) * D, esize = md->kv_bf16 ? 2 : 4;
     const int64_t K = C > I ? (C > H * D ? C : H * D) : (I > H * D ? I : H * D);   /* widest input */
-    float *h = malloc(M * (C + QKV + H * D + 3 * I) * sizeof(float));
-    float *qkv = h + M * C, *att = qkv + M * QKV, *gu = att + M * H * D, *act = gu + 2 * M * I;
-    Buffers buf = {malloc(M * K), malloc(2 * M * K / 32 * sizeof(float)), 0, malloc(M * K * 2)};
-    buf.xs = buf.dx + M * K / 32;
-    Input in;
+    float *qkv = malloc(M * (QKV + H * D + 2 * I) * sizeof(float)), *att = qkv + M * QKV, *gu = att + M * H * D;
     _Pragma("omp parallel num_threads(threads)")
-    {
-        float *p = malloc((S > 0 ? S : 1) * sizeof(float));   /* this thread's attention scores */
+    {   /* per thread: the norm's output h and the gate's act (each thread computes them whole: no
+           barrier after), x's prepared copies, the attention scores p */
+        float *h = malloc(M * (C + I) * sizeof(float)), *act = h + M * C;
+        float *p = malloc((S > 0 ? S : 1) * sizeof(float));
+        const Buffers buf = buffers(M, K);
         for (int l = 0; l < md->layers; l++) {
             const Layer *L = md->layer + l;
             char *kl = (char *)k + l * kv_stride * esize, *vl = (char *)v + l * kv_stride * esize;
-            _Pragma("omp single")
             norm(M, C, x, L->attn_norm, md->eps, bf16, h);
-            product(&L->qkv, M, h, qkv, QKV, mode, &in, &buf);
+            product(&L->qkv, M, h, qkv, QKV, mode, &buf);
             _Pragma("omp single")
             qkv_store(M, H, Hkv, D, qkv, L->q_norm, L->k_norm, md->eps, cos, sin, kl, vl, md->kv_bf16, write_rows);
             _Pragma("omp for schedule(static)")
@@ -104,18 +105,15 @@ void decode_step(const Model *md, int M, float *x, const float *cos, const float
                 if (bf16)
                     for (int i = 0; i < D; i++) att[t * D + i] = round_bf16(att[t * D + i]);
             }
-            product(&L->o, M, att, x, C, mode | OUT_ADD, &in, &buf);       /* x += attn(x) */
-            _Pragma("omp single")
+            product(&L->o, M, att, x, C, mode | OUT_ADD, &buf);             /* x += attn(x) */
             norm(M, C, x, L->mlp_norm, md->eps, bf16, h);
-            product(&L->gate_up, M, h, gu, 2 * I, mode, &in, &buf);
-            _Pragma("omp single")
+            product(&L->gate_up, M, h, gu, 2 * I, mode, &buf);
             silu_mul_rows(M, I, gu, bf16, act);
-            product(&L->down, M, act, x, C, mode | OUT_ADD, &in, &buf);    /* x += mlp(x) */
+            product(&L->down, M, act, x, C, mode | OUT_ADD, &buf);          /* x += mlp(x) */
         }
-        _Pragma("omp single")
         norm(M, C, x, md->norm, md->eps, bf16, h);
-        product(&md->head, M, h, logits, md->head.N, mode, &in, &buf);
-        free(p);
+        product(&md->head, M, h, logits, md->head.N, mode, &buf);
+        free(h), free(p), free(buf.xq), free(buf.dx), free(buf.xb);
     }
-    free(h), free(buf.xq), free(buf.dx), free(buf.xb);
+    free(qkv);
 }

@@ -56,7 +56,7 @@ def test_float_weights(M, K):
                                  (32, 1056), (128, 640)])
 def test_int8(M, G, K):
     """G = 0: one scale per row, over any number of blocks (3 and 18 too, not a power of two)."""
-    N = 72
+    N = 74
     gen = torch.Generator().manual_seed(M * 1000 + G)
     q = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen)
     d = (torch.rand(N, K // (G or K), generator=gen) * 0.01 + 1e-3).half()
@@ -75,8 +75,9 @@ def test_int8(M, G, K):
 @pytest.mark.parametrize("G,K", [(32, 384), (64, 384), (128, 384), (32, 96), (32, 544), (32, 1056), (64, 576),
                                  (128, 640)])
 def test_int4(M, G, K):
-    """Block counts odd and even, over and under 16 (the AVX-512 loop takes 16 blocks' scales at once)."""
-    N = 40
+    """Block counts odd and even, over and under 16 (the AVX-512 loop takes 16 blocks' scales at once);
+    N not a multiple of 4 (one row of x takes 4 weight rows at a time, then the rest one by one)."""
+    N = 42
     q, d, m = int4_weight(N, K, G)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
     got = g.gemv_int4(x, q, d, m)
