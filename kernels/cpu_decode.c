@@ -40,7 +40,8 @@ HEAD_OPS(uint16_t, bf16_f32)
         p[j] = scale * dot_##T(qh, (const T *)k + (rows[b * S + j] * Hkv + hk) * D, D);     \
         mx = p[j] > mx ? p[j] : mx;                                                         \
     }                                                                                       \
-    for (int64_t j = 0; j < n; j++) sum += (p[j] = expf(p[j] - mx));                        \
+    _Pragma("omp simd reduction(+:sum)")                                                    \
+    for (int64_t j = 0; j < n; j++) sum += (p[j] = exp_neg(p[j] - mx));                     \
     for (int64_t j = 0; j < n; j++)                                                         \
         axpy_##T(p[j] / sum, (const T *)v + (rows[b * S + j] * Hkv + hk) * Dv, o, Dv);
 
