@@ -43,6 +43,7 @@ typedef __m512 V;
 ALWAYS V v_zero(void) { return _mm512_setzero_ps(); }
 ALWAYS V v_set(float a) { return _mm512_set1_ps(a); }
 ALWAYS V v_load(const float *p) { return _mm512_loadu_ps(p); }
+ALWAYS void v_store(float *p, V a) { _mm512_storeu_ps(p, a); }
 ALWAYS V v_fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 ALWAYS V v_mul(V a, V b) { return _mm512_mul_ps(a, b); }
 ALWAYS V v_add(V a, V b) { return _mm512_add_ps(a, b); }
@@ -65,6 +66,7 @@ typedef struct { __m256 a, b; } V;
 ALWAYS V v_zero(void) { return (V){_mm256_setzero_ps(), _mm256_setzero_ps()}; }
 ALWAYS V v_set(float a) { return (V){_mm256_set1_ps(a), _mm256_set1_ps(a)}; }
 ALWAYS V v_load(const float *p) { return (V){_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+ALWAYS void v_store(float *p, V a) { _mm256_storeu_ps(p, a.a), _mm256_storeu_ps(p + 8, a.b); }
 ALWAYS V v_fma(V a, V b, V c) { return (V){_mm256_fmadd_ps(a.a, b.a, c.a), _mm256_fmadd_ps(a.b, b.b, c.b)}; }
 ALWAYS V v_mul(V a, V b) { return (V){_mm256_mul_ps(a.a, b.a), _mm256_mul_ps(a.b, b.b)}; }
 ALWAYS V v_add(V a, V b) { return (V){_mm256_add_ps(a.a, b.a), _mm256_add_ps(a.b, b.b)}; }
@@ -96,6 +98,7 @@ typedef struct { float f[16]; } V;
 ALWAYS V v_zero(void) { V r = {{0}}; return r; }
 ALWAYS V v_set(float a) { V r; for (int j = 0; j < 16; j++) r.f[j] = a; return r; }
 ALWAYS V v_load(const float *p) { V r; memcpy(r.f, p, 64); return r; }
+ALWAYS void v_store(float *p, V a) { memcpy(p, a.f, 64); }
 ALWAYS V v_fma(V a, V b, V c) { for (int j = 0; j < 16; j++) c.f[j] += a.f[j] * b.f[j]; return c; }
 ALWAYS V v_mul(V a, V b) { for (int j = 0; j < 16; j++) a.f[j] *= b.f[j]; return a; }
 ALWAYS V v_add(V a, V b) { for (int j = 0; j < 16; j++) a.f[j] += b.f[j]; return a; }
@@ -652,9 +655,16 @@ void gemv_int4(int M, int64_t N, int64_t K, int64_t G, const float *x, const uin
    BLAS/oneDNN (AMX for bf16), compute-bound there, instead of these loops. out (N, K): fp32 when
    out_f32, else bf16. */
 
-static inline void put(void *out, int out_f32, int64_t i, float v) {
-    if (out_f32) ((float *)out)[i] = v;
-    else ((uint16_t *)out)[i] = f32_bf16(v);
+/* 16 values into out at i: fp32, or bf16 rounded as torch rounds (the weight's values, computed as
+   the references compute them: q d, then + m, two roundings) */
+ALWAYS void put16(void *out, int out_f32, int64_t i, V v) {
+    if (out_f32) {
+        v_store((float *)out + i, v);
+        return;
+    }
+    float t[16];
+    v_store(t, v);
+    for (int j = 0; j < 16; j++) ((uint16_t *)out)[i + j] = f32_bf16(t[j]);
 }
 
 void dequant_int8(int64_t N, int64_t K, int64_t G, const int8_t *q, const _Float16 *d, void *out,
@@ -662,8 +672,8 @@ void dequant_int8(int64_t N, int64_t K, int64_t G, const int8_t *q, const _Float
     _Pragma("omp parallel for num_threads(threads) schedule(static)")
     for (int64_t n = 0; n < N; n++)
         for (int64_t g = 0; g < K / G; g++) {                 /* a group: one scale, no division */
-            const float scale = (float)d[n * (K / G) + g];
-            for (int64_t k = g * G; k < (g + 1) * G; k++) put(out, out_f32, n * K + k, scale * (float)q[n * K + k]);
+            const V scale = v_set((float)d[n * (K / G) + g]);
+            for (int64_t k = g * G; k < (g + 1) * G; k += 16) put16(out, out_f32, n * K + k, v_mul(scale, v_int8(q + n * K + k)));
         }
 }
 
@@ -672,13 +682,11 @@ void dequant_int4(int64_t N, int64_t K, int64_t G, const uint8_t *q, const _Floa
     _Pragma("omp parallel for num_threads(threads) schedule(static)")
     for (int64_t n = 0; n < N; n++)
         for (int64_t g = 0; g < K / G; g++) {
-            const float scale = (float)d[n * (K / G) + g], min = (float)mins[n * (K / G) + g];
+            const V scale = v_set((float)d[n * (K / G) + g]), min = v_set((float)mins[n * (K / G) + g]);
             for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
                 const uint8_t *b = q + n * (K / 2) + k / 2;
-                for (int j = 0; j < 16; j++) {
-                    put(out, out_f32, n * K + k + j, scale * (float)(b[j] & 15) + min);
-                    put(out, out_f32, n * K + k + j + 16, scale * (float)(b[j] >> 4) + min);
-                }
+                put16(out, out_f32, n * K + k, v_add(v_mul(scale, v_nibbles(b, 0)), min));
+                put16(out, out_f32, n * K + k + 16, v_add(v_mul(scale, v_nibbles(b, 1)), min));
             }
         }
 }
