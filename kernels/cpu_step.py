@@ -16,7 +16,7 @@ import ctypes
 
 import torch
 
-from .cpu_gemv import _lib
+from .cpu_gemv import MAX_ROWS, _lib  # noqa: F401  (MAX_ROWS: what decode_step is meant for)
 
 W_F32, W_BF16, W_INT8, W_INT4 = range(4)   # cpu_common.h
 _p, _L, _i, _f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float

@@ -11,7 +11,8 @@ What it takes (else the eager path runs, and `why_not` says why): RMSNorm, GQA/M
 with full-width rotary (optional q/k norms), the gated SiLU MLP, no biases, fp32 or bf16
 activations, and every product one the C loops read: fp32 or bf16 weights stored (out, in), or
 quantized ones on the CPU kernels (quant.Packed). Llama, Qwen3 and SmolLM2, not GPT-2, MLA or MoE.
-MINILLM_DECODE_STEP=0 turns it off.
+Up to MAX_ROWS sequences at once, as the loops' products (more: the eager path, whose BLAS or
+dequantized matmul reads each weight once for all rows). MINILLM_DECODE_STEP=0 turns it off.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import torch
 from .kernels import cpu_step as K
 from .layers import Linear
 from .quant import Packed
+
+MAX_ROWS = K.MAX_ROWS
 
 
 def why_not(model) -> str | None:

@@ -169,7 +169,7 @@ class Decoder(nn.Module):
             x = x + self.pos_embed(step.pos)
         else:
             rope = self.rotary(step.pos, x.dtype)
-        if step.cpu_decode and self.fused_decode():           # every layer and the head in one call
+        if step.cpu_decode and B * T <= decode_step.MAX_ROWS and self.fused_decode():   # all in one call
             logits = self._fused(x, rope, step)                # (B, T, V)
             return logits if last is None else logits[torch.arange(B, device=x.device), last]
         for block in self.layers:

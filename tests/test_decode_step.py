@@ -88,3 +88,16 @@ def test_what_it_leaves_to_the_eager_path(checkpoints, monkeypatch):
     assert (fused - eager).abs().max() <= 1e-5 * eager.abs().max()
     monkeypatch.setenv("MINILLM_DECODE_STEP", "0")
     assert decode_step.why_not(model) == "MINILLM_DECODE_STEP=0"
+
+
+def test_more_rows_than_the_loops_run_eagerly(checkpoints, monkeypatch):
+    """Past MAX_ROWS sequences the eager path decodes (BLAS reads each weight once for all rows);
+    both give the same numbers."""
+    model = minillm.load(checkpoints["qwen3"], device="cpu").model
+    ids = ids_for(B=decode_step.MAX_ROWS + 2)
+    calls = []
+    real = decode_step.DecodeStep.__call__
+    monkeypatch.setattr(decode_step.DecodeStep, "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    eager = decode(model, ids, False, monkeypatch, steps=2)
+    fused = decode(model, ids, True, monkeypatch, steps=2)
+    assert not calls and (fused - eager).abs().max() <= 1e-5 * eager.abs().max()
