@@ -16,7 +16,11 @@
             j + 16 (high nibble). This is llama.cpp's Q4_0/Q4_1 block order, so those GGUF
             tensors load as their bytes (Q4_0: m = -8 d).
    d and m are fp16 (as GGUF's; ~3 significant digits, the quantizer rounds them first).
-   x and y are fp32 (or bf16 with bf16 weights). The torch references are in cpu_gemv.py. */
+   x and y are fp32 (or bf16 with bf16 weights). The torch references are in cpu_gemv.py.
+
+   Every product is gemv_prepare (what x needs once: its int8 rounding, group sums, a bf16 copy)
+   then gemv_range over a range of weight rows, so the one-call decode step (cpu_step.c) runs them
+   inside its own parallel region; the exported gemv_* functions below do both for one product. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>

@@ -14,7 +14,7 @@ another -march (the tests build x86-64-v3, AVX2 without VNNI, and x86-64, the pl
                                     (round_x=True: x rounded to int8 per 32 values, integer
                                     products, gemv_int*_ref; False: fp32 x, widened weights)
     dequant_int8(q, d, out) / dequant_int4(q, d, m, out)        into out (N, K), fp32 or bf16
-M <= 8 rows (more: call again per 8 rows, or dequantize and use a matmul), K % 32 == 0.
+M <= 8 rows (the C side takes more in passes of 8; a matmul on the dequantized weight reads it once), K % 32 == 0.
 """
 from __future__ import annotations
 

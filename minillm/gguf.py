@@ -192,12 +192,12 @@ def load_weights(model, adapter, f: GGUFFile, progress: bool | None = None):
                                 f"{tuple(params[d.param].shape)}") from None
     if bar:
         bar.close()
-    weights_loaded(model)
     for name, p in params.items():
         if filled[name] != p.numel():
             want = expected(adapter, cfg, name, f.shapes)
             raise LoadError(f"missing tensor {want!r} in {f.path.name} (for {name})" if want else
                             f"parameter {name!r} is {filled[name]} of {p.numel()} values filled by {f.path.name}")
+    weights_loaded(model)
 
 
 # llama.cpp's per-layer tensor names (gguf.TENSOR_NAMES), the ones the adapters read, plain before fused

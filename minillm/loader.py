@@ -132,7 +132,6 @@ def allocate(model: Decoder, device):
     padded = {k: -(-n // 64) * 64 for k, n in nbytes.items()}               # 64-byte aligned
     arena = torch.empty(sum(padded.values()) + cpu.HUGE_PAGE, dtype=torch.uint8)
     at, views = cpu.huge_page_offset(arena), {}
-    model.arena = arena
     for k, t in tensors.items():
         views[k] = arena[at:at + nbytes[k]].view(t.dtype).as_strided(t.shape, t.stride())
         at += padded[k]
@@ -140,14 +139,15 @@ def allocate(model: Decoder, device):
 
 
 def weights_loaded(model: Decoder):
-    """After the last weight is in: its CPU allocation into 2 MiB pages (cpu.huge_pages), in a
-    thread, so that a load does not wait ~1 s for the kernel's compaction (the weights are only
-    read from now on: collapsing pages under readers is safe). Asked before the fill instead,
-    every first touch faulted a 2 MiB page through that compaction, in the load's own time."""
-    if getattr(model, "arena", None) is not None:
+    """After the last weight is in: their CPU allocation (allocate's one storage) into 2 MiB pages
+    (cpu.huge_pages), in a thread, so that a load does not wait ~1 s for the kernel's compaction
+    (the weights are only read from now on: collapsing pages under readers is safe). Asked before
+    the fill instead, every first touch faulted a 2 MiB page through that compaction, in the load."""
+    p = next(model.parameters(), None)
+    if p is not None and p.is_cpu:
         import threading
-        model.paging = threading.Thread(target=cpu.huge_pages, args=(model.arena,), daemon=True)
-        model.paging.start()
+        arena = torch.empty(0, dtype=torch.uint8).set_(p.untyped_storage())
+        threading.Thread(target=cpu.huge_pages, args=(arena,), daemon=True).start()
 
 
 def checkpoint_names(files: list[Path]) -> dict[str, Path]:
@@ -234,11 +234,11 @@ def load_weights(model: Decoder, adapter, files: list[Path], progress: bool | No
             raise LoadError(f"corrupt or truncated safetensors file {file}: {e}") from None
     if bar:
         bar.close()
-    weights_loaded(model)
     for name, p in params.items():   # check_names saw every expected tensor: this is the adapter's check
         if filled[name] != p.numel():
             raise LoadError(f"parameter {name!r} is {filled[name]} of {p.numel()} values filled: "
                             f"the {cfg.arch} adapter's names and targets disagree")
+    weights_loaded(model)
 
 
 def _read(where: dict, name: str, f, file: Path) -> torch.Tensor | None:
