@@ -140,3 +140,14 @@ def test_cpu_decode_in_each_dtype_equals_the_full_forward(checkpoints, dtype):
     ids = list(range(5, 25))
     out = llm.generate(ids, max_new_tokens=5, temperature=0).token_ids
     assert llm.logits([ids + out[:-1]])[0, -5:].argmax(-1).tolist() == out
+
+
+def test_argmax_is_torchs():
+    """generate.argmax (numpy on CPU) picks what torch.argmax picks: the first of equal maxima, NaN first."""
+    from minillm.generate import argmax
+    x = torch.randn(5, 1000, generator=torch.Generator().manual_seed(0))
+    x[1, 7] = x[1, 900] = 50.0                   # a tie: the first one
+    x[2, 30] = float("nan")                      # NaN wins, as in torch
+    x[3] = 0.0                                   # all equal: index 0
+    assert argmax(x).tolist() == x.argmax(-1).tolist() == argmax(x.bfloat16()).tolist()
+    assert argmax(x).dtype == torch.int64

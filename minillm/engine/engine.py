@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 
 from ..errors import UsageError
-from ..generate import Heal, Sequence, next_tokens, only
+from ..generate import Heal, Sequence, argmax, next_tokens, only
 from ..model import Decoder
 from ..tokenizer import StreamDecoder
 from .blocks import BlockPool
@@ -163,7 +163,7 @@ class Engine:
         toks = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
         greedy = [i for i, r in enumerate(reqs) if r.params.greedy]
         if greedy:
-            toks[greedy] = logits[greedy].argmax(-1)
+            toks[greedy] = argmax(logits[greedy].float())
         for i, r in enumerate(reqs):
             if not r.params.greedy:
                 seen = torch.tensor([r.tokens], device=logits.device) if r.params.repetition_penalty else None

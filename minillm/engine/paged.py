@@ -57,20 +57,24 @@ class PagedStep(Step):
         self.cache, self.backend, self.absorb = cache, run.backend, run.mla_absorb
         self.T, self.uniform = sum(n for _, _, n in parts), False
         self._rope = None
-        ranges = [torch.arange(start, start + n) for _, start, n in parts]
-        self.pos = torch.cat(ranges)[None].to(device)                                       # (1, N)
-        self.slots = torch.cat([torch.tensor(b)[p // bs] * bs + p % bs                      # (N,) pool rows
-                                for (b, _, _), p in zip(parts, ranges)]).to(device)
+        # positions, pool rows and offsets in Python ints, then one tensor each: a decode step is
+        # ~100 us of small tensor ops otherwise, per token
+        pos = [p for _, start, n in parts for p in range(start, start + n)]
+        self.pos = torch.tensor([pos], device=device)                                         # (1, N)
+        self.slots = torch.tensor([b[p // bs] * bs + p % bs for b, start, n in parts        # (N,) pool rows
+                                   for p in range(start, start + n)], device=device)
         self.groups = []   # (flat indices (B*T,), sub-step of B sequences x T tokens, gather (B, S))
-        offsets = torch.tensor([0] + [n for _, _, n in parts]).cumsum(0).tolist()
+        offsets = [0]
+        for _, _, n in parts:
+            offsets.append(offsets[-1] + n)
         ones = [i for i, (_, _, n) in enumerate(parts) if n == 1]
         if ones:
-            starts = torch.tensor([parts[i][1] for i in ones])
-            gather = _gather([parts[i][0] for i in ones], int(starts.max()) + 1, bs)
+            starts = [parts[i][1] for i in ones]
+            gather = _gather([parts[i][0] for i in ones], max(starts) + 1, bs)
             # equal lengths (one sequence, always): an int start, so attention takes the unmasked
             # decode path (attention.sdpa: GQA heads as query rows), as the contiguous loop does
-            same = bool((starts == starts[0]).all())
-            step = Step(len(ones), 1, int(starts[0]) if same else starts, cache, run, device)
+            same = all(st == starts[0] for st in starts)
+            step = Step(len(ones), 1, starts[0] if same else torch.tensor(starts), cache, run, device)
             nb = max(len(parts[i][0]) for i in ones)
             step.table = torch.tensor([parts[i][0] + [0] * (nb - len(parts[i][0])) for i in ones], device=device)
             step.pool_rows = gather if isinstance(gather, torch.Tensor) else torch.arange(gather.start, gather.stop)[None]
