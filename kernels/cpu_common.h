@@ -69,7 +69,8 @@ void gemv_range(const Weight *w, const Input *in, float *y, int64_t ldy, int64_t
 void attend_head(int64_t b, int h, int H, int Hkv, int D, int Dv, int64_t S, const float *q, int64_t q_stride,
                  const void *k, const void *v, int kv_bf16, const int64_t *rows, const int64_t *lens,
                  float scale, float *out, float *p);
-void rmsnorm(int64_t R, int64_t C, const float *x, const float *w, float eps, float *out);
+void rmsnorm(int64_t R, int64_t C, const float *x, const float *w, float eps, int bf16, float *out);
+void silu_mul(int64_t M, int64_t I, const float *gu, int bf16, float *out);
 void qkv_store(int B, int H, int Hkv, int D, float *qkv, const float *q_norm, const float *k_norm,
                float eps, const float *cos, const float *sin, void *k, void *v, int kv_bf16,
                const int64_t *write_rows);

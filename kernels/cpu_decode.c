@@ -72,16 +72,17 @@ void attend_decode(int B, int H, int Hkv, int D, int Dv, int64_t S, const float 
     }
 }
 
-/* RMSNorm of R rows of C: out = x / sqrt(mean(x^2) + eps) * w, all fp32 (the caller keeps bf16
-   models on torch's path, whose rounding order transformers defines). */
-void rmsnorm(int64_t R, int64_t C, const float *x, const float *w, float eps, float *out) {
+/* RMSNorm of R rows of C: out = x / sqrt(mean(x^2) + eps) * w, fp32. bf16: a bf16 model's
+   values (held in fp32), rounded where transformers' order rounds: w * bf16(x / rms(x)), rounded. */
+void rmsnorm(int64_t R, int64_t C, const float *x, const float *w, float eps, int bf16, float *out) {
     for (int64_t r = 0; r < R; r++) {
         const float *xr = x + r * C;
         float ss = 0.0f;
         _Pragma("omp simd reduction(+:ss)")
         for (int64_t i = 0; i < C; i++) ss += xr[i] * xr[i];
         const float inv = 1.0f / sqrtf(ss / C + eps);
-        for (int64_t i = 0; i < C; i++) out[r * C + i] = xr[i] * inv * w[i];
+        for (int64_t i = 0; i < C; i++)
+            out[r * C + i] = bf16 ? round_bf16(w[i] * round_bf16(xr[i] * inv)) : xr[i] * inv * w[i];
     }
 }
 
@@ -99,7 +100,7 @@ void qkv_store(int B, int H, int Hkv, int D, float *qkv, const float *q_norm, co
         for (int h = 0; h < H + Hkv; h++) {
             float *x = row + h * D;
             const float *w = h < H ? q_norm : k_norm;
-            if (w) rmsnorm(1, D, x, w, eps, x);                /* in place */
+            if (w) rmsnorm(1, D, x, w, eps, 0, x);             /* in place */
             if (cos) {
                 const float *c = cos + (int64_t)b * D, *s = sin + (int64_t)b * D;
                 for (int i = 0; i < half; i++) {
@@ -123,11 +124,12 @@ void qkv_store(int B, int H, int Hkv, int D, float *qkv, const float *q_norm, co
     }
 }
 
-/* The gated MLP's middle: gu (M, 2 I) = [gate | up] -> out (M, I) = silu(gate) * up, fp32. */
-void silu_mul(int64_t M, int64_t I, const float *gu, float *out) {
+/* The gated MLP's middle: gu (M, 2 I) = [gate | up] -> out (M, I) = silu(gate) * up, fp32; bf16:
+   rounded as torch rounds bf16 tensors, silu(gate) and then its product. */
+void silu_mul(int64_t M, int64_t I, const float *gu, int bf16, float *out) {
     for (int64_t m = 0; m < M; m++)
         for (int64_t i = 0; i < I; i++) {
-            const float g = gu[m * 2 * I + i];
-            out[m * I + i] = g / (1.0f + expf(-g)) * gu[m * 2 * I + I + i];
+            const float g = gu[m * 2 * I + i], u = gu[m * 2 * I + I + i], s = g / (1.0f + expf(-g));
+            out[m * I + i] = bf16 ? round_bf16(round_bf16(s) * u) : s * u;
         }
 }

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_gemv import MAX_ROWS, _lib, available, f32  # noqa: F401  (for callers: what runs here, few rows)
+from .cpu_gemv import MAX_ROWS, _lib, available, f32, few_rows  # noqa: F401  (for callers: what runs here, few rows)
 
 
 def _p(t):
@@ -48,14 +48,14 @@ def silu_mul(gu) -> torch.Tensor:
     M, I2 = gu.shape
     assert gu.dtype == torch.float32 and gu.is_contiguous()
     out = torch.empty(M, I2 // 2)
-    _lib().silu_mul(M, I2 // 2, gu.data_ptr(), out.data_ptr())
+    _lib().silu_mul(M, I2 // 2, gu.data_ptr(), 0, out.data_ptr())
     return out
 
 
 def rmsnorm(x, w, eps: float) -> torch.Tensor:
     assert x.dtype == w.dtype == torch.float32 and x.is_contiguous() and w.is_contiguous()
     out = torch.empty_like(x)
-    _lib().rmsnorm(x.numel() // x.shape[-1], x.shape[-1], x.data_ptr(), w.data_ptr(), eps, out.data_ptr())
+    _lib().rmsnorm(x.numel() // x.shape[-1], x.shape[-1], x.data_ptr(), w.data_ptr(), eps, 0, out.data_ptr())
     return out
 
 

@@ -414,6 +414,25 @@ ALWAYS __m512i q4_pair(const uint8_t *p) {
         }                                                                                   \
     }
 
+/* the odd last block of a row (natural order) against row m of x, as the 256-bit loop does it */
+ALWAYS float odd_block(const Weight *w, int64_t n, const Input *in, int m, const int int4) {
+    const int64_t K = w->K, b = K / 32 - 1;
+    const I8x32 wv = int4 ? q4_load((const uint8_t *)w->q + n * (K / 2) + 16 * b) : i8_load((const int8_t *)w->q + n * K + 32 * b);
+    const I8x32 xv = i8_load(in->xq + m * K + 32 * b);
+    const float scale = (float)w->d[n * (K / w->G) + (b >> group_shift(K, w->G))] * in->dx[m * (K / 32) + b];
+    return f8_sum(f8_fma(int4 ? dot_us(wv, xv) : dot_ss(wv, xv), scale, f8_zero()));
+}
+/* int4's m term of row n against row m of x, sum_g m[n, g] xs[m, g], into acc (16 groups an FMA) */
+ALWAYS __m512 min_term(const Weight *w, int64_t n, const Input *in, int m, __m512 acc) {
+    const int64_t groups = w->K / w->G;
+    const _Float16 *mr = w->m + n * groups;
+    for (int64_t g = 0; g < groups; g += 16) {
+        const int c = groups - g < 16 ? (int)(groups - g) : 16;
+        acc = _mm512_fmadd_ps(f16x16(mr + g, c), f32x16(in->xs + m * groups + g, c), acc);
+    }
+    return acc;
+}
+
 ALWAYS void row_int_512(const int M, int64_t n, const Weight *w, const Input *in, float *r, const int int4) {
     const int64_t K = w->K, nb = K / 32, groups = K / w->G;
     const int sh = group_shift(K, w->G);
@@ -430,25 +449,10 @@ ALWAYS void row_int_512(const int M, int64_t n, const Weight *w, const Input *in
         for (; j + 1 < pairs; j += 2) { PAIR(acc, j) PAIR(acc2, j + 1) }
         if (j < pairs) PAIR(acc, j)
     }
-    for (int m = 0; m < M; m++) r[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m], acc2[m]));
-    if (nb & 1) {                                        /* the odd last block, natural order */
-        const int64_t b = nb - 1;
-        const I8x32 wv = int4 ? q4_load(q4 + 16 * b) : i8_load(q8 + 32 * b);
-        for (int m = 0; m < M; m++) {
-            const I8x32 xv = i8_load(in->xq + m * K + 32 * b);
-            r[m] += f8_sum(f8_fma(int4 ? dot_us(wv, xv) : dot_ss(wv, xv), (float)dr[b >> sh] * in->dx[m * nb + b], f8_zero()));
-        }
-    }
-    if (int4) {                                          /* + sum_g m[n, g] xs[m, g] */
-        const _Float16 *mr = w->m + n * groups;
-        for (int m = 0; m < M; m++) {
-            __m512 t = _mm512_setzero_ps();
-            for (int64_t g = 0; g < groups; g += 16) {
-                const int c = groups - g < 16 ? (int)(groups - g) : 16;
-                t = _mm512_fmadd_ps(f16x16(mr + g, c), f32x16(in->xs + m * groups + g, c), t);
-            }
-            r[m] += _mm512_reduce_add_ps(t);
-        }
+    for (int m = 0; m < M; m++) {
+        r[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m], acc2[m]));
+        if (nb & 1) r[m] += odd_block(w, n, in, m, int4);
+        if (int4) r[m] += _mm512_reduce_add_ps(min_term(w, n, in, m, _mm512_setzero_ps()));
     }
 }
 /* One row of x against 4 weight rows (int8 or int4, round_x), for decode at batch 1: x's blocks
@@ -481,22 +485,8 @@ ALWAYS void rows4_int_512(int64_t n, const Weight *w, const Input *in, float *r,
         }
     }
     for (int i = 0; i < 4; i++) {
-        if (int4) {                                      /* + sum_g m[n, g] xs[g] */
-            const _Float16 *mr = w->m + (n + i) * groups;
-            for (int64_t g = 0; g < groups; g += 16) {
-                const int c = groups - g < 16 ? (int)(groups - g) : 16;
-                acc[i] = _mm512_fmadd_ps(f16x16(mr + g, c), f32x16(in->xs + g, c), acc[i]);
-            }
-        }
-        r[i] = _mm512_reduce_add_ps(acc[i]);
-        if (nb & 1) {                                    /* the odd last block, natural order */
-            const int64_t b = nb - 1;
-            const I8x32 wv = int4 ? q4_load((const uint8_t *)w->q + (n + i) * (K / 2) + 16 * b)
-                                  : i8_load((const int8_t *)w->q + (n + i) * K + 32 * b);
-            const I8x32 xv = i8_load(in->xq + 32 * b);
-            r[i] += f8_sum(f8_fma(int4 ? dot_us(wv, xv) : dot_ss(wv, xv),
-                                  (float)w->d[(n + i) * groups + (b >> sh)] * in->dx[b], f8_zero()));
-        }
+        r[i] = _mm512_reduce_add_ps(int4 ? min_term(w, n + i, in, 0, acc[i]) : acc[i]);
+        if (nb & 1) r[i] += odd_block(w, n + i, in, 0, int4);
     }
 }
 
@@ -504,8 +494,9 @@ ALWAYS void row_int8_512(const int M, int64_t n, const Weight *w, const Input *i
 ALWAYS void row_int4_512(const int M, int64_t n, const Weight *w, const Input *in, float *r) { row_int_512(M, n, w, in, r, 1); }
 #endif
 
-/* What a product needs of x before its rows: the rounded x and its group sums (round_x), or
-   int4's group sums of the fp32 x. in->xq, dx, xs point at buffers of M K bytes and M K / 32 floats. */
+/* What a product needs of x before its rows: the rounded x and its group sums (round_x), int4's
+   group sums of the fp32 x, or bf16 weights' x as bf16. in->xq, dx, xs, xb point at buffers of
+   M K bytes, M K / 32 floats (each) and M K uint16 (cpu_common.h). */
 void gemv_prepare(const Weight *w, Input *in) {
     const int64_t K = w->K, G = w->G, R = in->M * K / G;
     if (w->kind == W_BF16) {

@@ -95,15 +95,20 @@ def _lib():
     lib.dequant_int4.argtypes = [L, L, L, p, p, p, p, i, i]
     f = ctypes.c_float
     lib.attend_decode.argtypes = [i, i, i, i, i, L, p, L, p, p, i, p, p, f, p, i]
-    lib.rmsnorm.argtypes = [L, L, p, p, f, p]
+    lib.rmsnorm.argtypes = [L, L, p, p, f, i, p]
     lib.qkv_store.argtypes = [i, i, i, i, p, p, p, f, p, p, p, p, i, p]
-    lib.silu_mul.argtypes = [L, L, p, p]
+    lib.silu_mul.argtypes = [L, L, p, i, p]
     lib.decode_step.argtypes = [p, i, p, p, p, p, p, L, p, p, L, p, p, i]
     return lib
 
 
 def available() -> bool:
     return _lib() is not None
+
+
+def few_rows(x: torch.Tensor) -> bool:
+    """x (..., K) is 1..MAX_ROWS rows on CPU and the loops are built: what the decode calls take."""
+    return x.is_cpu and 0 < x.numel() <= MAX_ROWS * x.shape[-1] and available()
 
 
 def why_not() -> str | None:

@@ -13,7 +13,6 @@
    Activations are fp32 arrays. A bf16 model's hold bf16 values: rounded (OUT_BF16) where torch
    rounds its bf16 tensors: each product's output, each residual add, the norm (normalised in
    fp32, rounded, times the weight, rounded, as transformers), silu(gate) and its product. */
-#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -52,28 +51,6 @@ static void product(const Weight *w, int M, const float *x, float *y, int64_t ld
     _Pragma("omp barrier")
 }
 
-static void norm(int M, int64_t C, const float *x, const float *w, float eps, int bf16, float *out) {
-    if (!bf16) {
-        rmsnorm(M, C, x, w, eps, out);
-        return;
-    }
-    for (int m = 0; m < M; m++) {                     /* w * bf16(x / rms(x)), rounded */
-        const float *xr = x + m * C;
-        float ss = 0.0f;
-        for (int64_t i = 0; i < C; i++) ss += xr[i] * xr[i];
-        const float inv = 1.0f / sqrtf(ss / C + eps);
-        for (int64_t i = 0; i < C; i++) out[m * C + i] = round_bf16(w[i] * round_bf16(xr[i] * inv));
-    }
-}
-
-static void silu_mul_rows(int M, int64_t I, const float *gu, int bf16, float *out) {
-    for (int m = 0; m < M; m++)
-        for (int64_t i = 0; i < I; i++) {
-            const float g = gu[m * 2 * I + i], u = gu[m * 2 * I + I + i], s = g / (1.0f + expf(-g));
-            out[m * I + i] = bf16 ? round_bf16(round_bf16(s) * u) : s * u;
-        }
-}
-
 /* One token for each of M sequences. x (M, C): the embeddings in, the last hidden state out.
    cos, sin (M, D) or NULL; k, v: layer 0's cache (rows, Hkv, D), layer l at + l * kv_stride
    elements; the new tokens go to rows write_rows (M,), sequence b reads rows[b, 0..lens[b]-1]
@@ -94,7 +71,7 @@ void decode_step(const Model *md, int M, float *x, const float *cos, const float
         for (int l = 0; l < md->layers; l++) {
             const Layer *L = md->layer + l;
             char *kl = (char *)k + l * kv_stride * esize, *vl = (char *)v + l * kv_stride * esize;
-            norm(M, C, x, L->attn_norm, md->eps, bf16, h);
+            rmsnorm(M, C, x, L->attn_norm, md->eps, bf16, h);
             product(&L->qkv, M, h, qkv, QKV, mode, &buf);
             _Pragma("omp single")
             qkv_store(M, H, Hkv, D, qkv, L->q_norm, L->k_norm, md->eps, cos, sin, kl, vl, md->kv_bf16, write_rows);
@@ -106,12 +83,12 @@ void decode_step(const Model *md, int M, float *x, const float *cos, const float
                     for (int i = 0; i < D; i++) att[t * D + i] = round_bf16(att[t * D + i]);
             }
             product(&L->o, M, att, x, C, mode | OUT_ADD, &buf);             /* x += attn(x) */
-            norm(M, C, x, L->mlp_norm, md->eps, bf16, h);
+            rmsnorm(M, C, x, L->mlp_norm, md->eps, bf16, h);
             product(&L->gate_up, M, h, gu, 2 * I, mode, &buf);
-            silu_mul_rows(M, I, gu, bf16, act);
+            silu_mul(M, I, gu, bf16, act);
             product(&L->down, M, act, x, C, mode | OUT_ADD, &buf);          /* x += mlp(x) */
         }
-        norm(M, C, x, md->norm, md->eps, bf16, h);
+        rmsnorm(M, C, x, md->norm, md->eps, bf16, h);
         product(&md->head, M, h, logits, md->head.N, mode, &buf);
         free(h), free(p), free(buf.xq), free(buf.dx), free(buf.xb);
     }

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ._common import (
     _dot, block_dim, check_same_device, dot_ieee, dot_upcast, is_interpreted, require_triton, tl, triton,
 )
-from .decode import LOG2E, _split_range, merge_splits, pick_num_splits
+from .decode import LOG2E, _split_range, _store_split, merge_splits, pick_num_splits
 
 
 @triton.jit
@@ -89,14 +89,8 @@ def _mla_decode_split_kernel(
         acc = acc * alpha[:, None] + _dot(p.to(c.dtype), c, DOT_IEEE, DOT_UPCAST)
         m_i = m_new
 
-    nonempty = l_i > 0.0  # empty split: lse = -inf, zero output, weight 0 in the merge
-    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-    tl.store(
-        O_PART + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_r[None, :],
-        out, mask=h_valid[:, None] & (offs_r[None, :] < R),
-    )
-    tl.store(LSE_PART + b * stride_lb + heads * stride_lh + split, lse, mask=h_valid)
+    _store_split(O_PART, LSE_PART, b, heads, split, m_i, l_i, acc, h_valid, offs_r, R,
+                 stride_pb, stride_ph, stride_ps, stride_lb, stride_lh)   # the latent is the value
 
 
 def _mla_config(q: torch.Tensor, r_pad: int) -> tuple[int, int, int, int]:
