@@ -115,7 +115,7 @@ def cpu_decoding(q: torch.Tensor, step: Step | None = None) -> bool:
     ~25 us a layer there, and a paged pool needs a gather first; this reads the cache rows in place."""
     if not (q.is_cpu and q.dtype in (torch.float32, torch.bfloat16) and cpu_decode.available()):
         return False
-    return step is None or (step.T == 1 and step.cache is not None and step.backend == "torch" and cpu_kv(step.cache))
+    return step is None or step.cpu_decode
 
 
 def cpu_attention(q, k, v, rows, lens, scale) -> torch.Tensor:

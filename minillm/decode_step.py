@@ -21,6 +21,7 @@ import os
 import torch
 
 from .kernels import cpu_step as K
+from .kernels.cpu_gemv import f32
 from .layers import Linear
 from .quant import Packed
 
@@ -93,7 +94,7 @@ class DecodeStep:
         *lead, C = x.shape
         n = x.numel() // C
         h = x.reshape(n, C).to(torch.float32, copy=True)                   # the C step writes it
-        cos, sin = (None, None) if rope is None else (t.reshape(n, -1).float().contiguous() for t in rope)
+        cos, sin = (None, None) if rope is None else (f32(t.reshape(n, -1)) for t in rope)
         k, v, write, read, lens = step.decode_rows(0)
         self.model.kv_bf16 = int(k.dtype == torch.bfloat16)
         logits = torch.empty(n, self.model.head.N)

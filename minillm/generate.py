@@ -40,8 +40,8 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits (B, V) -> (B,) the first index of each row's largest value (NaN counts as largest),
     as torch.argmax. On CPU through numpy: torch's CPU argmax over a 49k vocabulary row takes
     ~85 us here, numpy's ~4, and a greedy decode step pays it every token."""
-    if logits.is_cpu and logits.dtype in (torch.float32, torch.float64):
-        return torch.from_numpy(logits.detach().numpy().argmax(-1))
+    if logits.is_cpu:   # 16-bit values widen to fp32 exactly: the same maxima
+        return torch.from_numpy(logits.detach().to(torch.promote_types(logits.dtype, torch.float32)).numpy().argmax(-1))
     return logits.argmax(-1)
 
 

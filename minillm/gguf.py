@@ -28,10 +28,9 @@ import torch
 
 from minillm import archs
 
-from .gguf_file import FLOATS, GGUFFile
 from . import quant
 from .config import RunSettings
-from .gguf_file import BLOCKS, blocks
+from .gguf_file import BLOCKS, FLOATS, GGUFFile, blocks
 from .loader import _fill, build, destinations, pick_backend, progress_bar, settings, weights_loaded
 from .locate import LoadError, default_dtype
 from .tokenizer import Tokenizer, TokenizerError

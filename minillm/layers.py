@@ -13,7 +13,6 @@ from torch import nn
 from .config import Config
 from .cpu import loops_linear, onednn_linear, upcast_bf16, upcast_linear
 from .kernels import cpu_decode
-from .kernels.cpu_gemv import MAX_ROWS
 
 
 class RMSNorm(nn.Module):
@@ -25,7 +24,7 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # x * rsqrt(mean(x^2) + eps) in one call instead of six (bit for bit the same arithmetic)
         if x.dtype == self.weight.dtype == torch.float32:
-            if x.is_cpu and x.numel() <= cpu_decode.MAX_ROWS * x.shape[-1] and cpu_decode.available():   # decode: ~2 us, not ~10
+            if cpu_decode.few_rows(x):                         # decode: ~2 us, not ~10
                 return cpu_decode.rmsnorm(x.contiguous(), self.weight, self.eps)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # transformers' order: normalise in fp32, cast back, then scale (matters in bf16)
@@ -49,7 +48,7 @@ class Linear(nn.Linear):
             rows = x.numel() // x.shape[-1]
             if rows <= self.loop_rows:
                 return loops_linear(x, self.weight, self.bias)
-            if x.dtype is torch.bfloat16 and self.weight.dtype is torch.bfloat16 and rows > MAX_ROWS and upcast_bf16():
+            if x.dtype is torch.bfloat16 and self.weight.dtype is torch.bfloat16 and rows > cpu_decode.MAX_ROWS and upcast_bf16():
                 return upcast_linear(x, self.weight, self.bias)        # prefill without AMX
             if self.onednn_rows and rows >= self.onednn_rows:
                 return onednn_linear(x, self.weight, self.bias)
@@ -84,8 +83,7 @@ class MLP(nn.Module):
     def forward(self, x):
         if self.gated:
             gu = self.gate_up(x)
-            if self.act is F.silu and gu.dtype == torch.float32 and gu.is_cpu and \
-                    gu.numel() <= cpu_decode.MAX_ROWS * gu.shape[-1] and cpu_decode.available():   # decode: one call, not three
+            if self.act is F.silu and gu.dtype == torch.float32 and cpu_decode.few_rows(gu):   # decode: one call, not three
                 return self.down(cpu_decode.silu_mul(gu.reshape(-1, gu.shape[-1])).view(*gu.shape[:-1], -1))
             gate, up = gu.split(self.inter, dim=-1)
             return self.down(self.act(gate) * up)

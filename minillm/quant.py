@@ -219,9 +219,9 @@ class Packed(nn.Module):
             return F.linear(x, pick(self.weight).to(x.dtype))
         q, d = pick(self.qweight), pick(self.scales)
         m = pick(self.mins) if self.scheme.bits == 4 else None
+        if cpu_gemv.few_rows(x):                                # decode: integer dot products
+            return self._gemv(x, q, d, m)
         if x.is_cpu and cpu_gemv.available():
-            if 0 < x.numel() <= cpu_gemv.MAX_ROWS * self.K:   # decode: integer dot products
-                return self._gemv(x, q, d, m)
             # prefill: a matmul, in fp32 where the CPU's bf16 GEMMs are slower (cpu.upcast_bf16)
             dtype = torch.float32 if x.dtype is torch.bfloat16 and cpu.upcast_bf16() else x.dtype
             out = cpu.scratch(self.N * self.K, dtype).view(self.N, self.K)

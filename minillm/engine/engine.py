@@ -163,7 +163,7 @@ class Engine:
         toks = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
         greedy = [i for i, r in enumerate(reqs) if r.params.greedy]
         if greedy:
-            toks[greedy] = argmax(logits[greedy].float())
+            toks[greedy] = argmax(logits[greedy])
         for i, r in enumerate(reqs):
             if not r.params.greedy:
                 seen = torch.tensor([r.tokens], device=logits.device) if r.params.repetition_penalty else None
