@@ -131,7 +131,7 @@ class FakeLlamaCpp:
 def test_run_and_report_with_llama_cpp_rows(ggufs, monkeypatch):
     monkeypatch.setattr(llamacpp, "require", lambda: types.SimpleNamespace(__version__="0.0-fake"))
     monkeypatch.setitem(bench.SYSTEMS, "llama.cpp", FakeLlamaCpp)
-    monkeypatch.setattr(bench, "measure_load", lambda *a, **k: {"load_s": 0.1, "rss_anon_growth": 1 << 20})
+    monkeypatch.setattr(bench, "measure_load", lambda *a, **k: {"load_s": 0.1, "load_again_s": 0.05, "rss_anon_growth": 1 << 20})
     FakeLlamaCpp.made.clear()
     out = bench.bench(ggufs["F32"], device="cpu", prompt_lens=(8, 16), new_tokens=4, batches=(1, 2), repeat=1,
                       threads=1, cold_start=False, quantize="none,int8", llama_gguf=[ggufs["F32"], ggufs["Q8_0"]])

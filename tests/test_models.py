@@ -171,3 +171,59 @@ def test_bf16_prefill_upcast_equals_bf16_gemm(checkpoints, monkeypatch):
     cpu.upcast_bf16.cache_clear()
     assert (out["0"] - out["1"]).abs().max() <= 0.02 * out["0"].abs().max()
     assert (out["0"].argmax(-1) == out["1"].argmax(-1)).float().mean() > 0.95
+
+
+def _file_view_of(p: torch.Tensor, file) -> bool:
+    """Whether p lies in a mapping of the whole checkpoint file (loader.file_views), not the arena."""
+    return p.untyped_storage().nbytes() == file.stat().st_size
+
+
+def test_weights_are_views_of_the_file_where_its_bytes_are_theirs(checkpoints, monkeypatch):
+    """fp32 saved, fp32 loaded on CPU: whole tensors and gate|up (stored back to back) are the
+    mmapped file's bytes at their offsets; q/k/v (stored k, o, q, v) are copied. The logits are
+    the all-copied load's (MINILLM_MMAP=0), and a weight written in place changes neither the file
+    nor the next load (a private mapping)."""
+    from minillm import loader
+    path = checkpoints["llama-mha"]
+    file = path / "model.safetensors"
+    base, header = loader.read_header(file)
+    llm = minillm.load(path)
+    m = llm.model
+    start = m.embed.weight.data_ptr() - base - header["model.embed_tokens.weight"][2]   # the file's byte 0
+    for name, p in [("model.layers.1.self_attn.o_proj.weight", m.layers[1].attn.o.weight),
+                    ("model.layers.0.mlp.gate_proj.weight", m.layers[0].mlp.gate_up.weight),
+                    ("model.layers.1.mlp.down_proj.weight", m.layers[1].mlp.down.weight),
+                    ("lm_head.weight", m.head.weight), ("model.norm.weight", m.norm.weight)]:
+        assert _file_view_of(p, file) and p.data_ptr() == start + base + header[name][2], name
+    assert not _file_view_of(m.layers[0].attn.qkv.weight, file)
+    ids = ids_for(3)
+    ours = llm.logits(ids)
+    monkeypatch.setenv("MINILLM_MMAP", "0")
+    copied = minillm.load(path)
+    assert not any(_file_view_of(p, file) for p in copied.model.parameters())
+    assert torch.equal(copied.logits(ids), ours)
+    monkeypatch.delenv("MINILLM_MMAP")
+    before = file.read_bytes()
+    with torch.no_grad():
+        m.layers[1].mlp.down.weight.add_(1.0)
+    assert file.read_bytes() == before
+    assert torch.equal(minillm.load(path).logits(ids), ours)
+
+
+def test_converted_sharded_or_apart_weights_are_copied(checkpoints):
+    """A bf16 checkpoint loaded in fp32 is converted (copied); a sharded one may put gate and up
+    in different files: then gate|up is copied, while whole tensors still map."""
+    bf16 = minillm.load(checkpoints["llama-bf16"])
+    file = checkpoints["llama-bf16"] / "model.safetensors"
+    assert bf16.model.dtype == torch.float32 and not any(_file_view_of(p, file) for p in bf16.model.parameters())
+    path = checkpoints["llama-linear-sharded"]
+    m = minillm.load(path).model
+    files = sorted(path.glob("*.safetensors"))
+    mapped = lambda p: any(_file_view_of(p, f) for f in files)
+    assert len(files) > 1 and mapped(m.layers[0].mlp.down.weight) and mapped(m.embed.weight)
+    from minillm import loader
+    where = loader.checkpoint_names(files)
+    together = [where[f"model.layers.{i}.mlp.gate_proj.weight"] == where[f"model.layers.{i}.mlp.up_proj.weight"]
+                for i in range(len(m.layers))]
+    assert not all(together)                          # the case this test is for
+    assert [mapped(layer.mlp.gate_up.weight) for layer in m.layers] == together

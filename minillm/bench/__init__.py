@@ -323,6 +323,7 @@ def bench(path, device=None, dtype=None, backend="auto", prompt_lens=(128, 512),
             s = by_key[n]
             m = measure_load(s.kind, s.path, device, s.dtype, backend, threads, s.quantize, n_ctx)
             add(n, "load_s", m["load_s"])
+            add(n, "load_again_s", m["load_again_s"])
             add(n, "load_rss_anon_growth_bytes", m["rss_anon_growth"])
             if "cuda_allocated" in m:
                 add(n, "load_cuda_allocated_bytes", m["cuda_allocated"])
