@@ -274,7 +274,7 @@ class ChatSession:
 
 
 def load(name_or_path: str | Path | None = None, device=None, dtype=None, backend: str = "auto",
-         progress: bool | None = None, quantize: str | None = None) -> LLM:
+         progress: bool | None = None, quantize: str | None = None, mmap: bool = True) -> LLM:
     """A local folder, a hub id, a GGUF file (or a folder holding one) or None (the embedded default
     model) -> LLM.
 
@@ -282,8 +282,11 @@ def load(name_or_path: str | Path | None = None, device=None, dtype=None, backen
     float32 on CPU; or a torch.dtype / "float32" | "bfloat16" | "float16". backend "auto":
     the Triton kernels on CUDA, torch elsewhere. quantize: "int8" | "int4" | "int4:g64" |
     "int4:g128", weight-only, at load (minillm.quant); None: unquantized, but for a GGUF file its
-    Q4_0/Q4_1/Q8_0 tensors as stored ("none": all dequantized; minillm/gguf.py). What was decided
-    is in `llm.model.run`."""
+    Q4_0/Q4_1/Q8_0 tensors as stored ("none": all dequantized; minillm/gguf.py). mmap (safetensors
+    on CPU): the weights whose bytes the file holds as they will run are views of the mmapped file,
+    no copy, as transformers loads; mmap=False copies every one into one allocation in 2 MiB
+    pages: ~0.2 s more per 500 MB of weights, 2-10% faster decode (loader.file_views; the server
+    loads so). What was decided is in `llm.model.run`."""
     device, dtype = parse_device(device), parse_dtype(dtype)
     quant.parse(quantize)                         # a bad name fails before anything is read
     from . import gguf
@@ -302,7 +305,7 @@ def load(name_or_path: str | Path | None = None, device=None, dtype=None, backen
         tokenizer = Tokenizer.from_dir(path)
     except TokenizerError as e:
         raise LoadError(str(e)) from None
-    model, hf = load_model(path, device, dtype, backend, progress, quantize)
+    model, hf = load_model(path, device, dtype, backend, progress, quantize, mmap)
     gc_file = path / "generation_config.json"
     gc = json.loads(gc_file.read_text()) if gc_file.exists() else {}
     return LLM(model, tokenizer, path, hf, gc)

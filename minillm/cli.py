@@ -270,7 +270,8 @@ def serve(model, device, dtype, backend, quantize, host, port, api_key, served_m
     if kv_memory is not None:
         settings["kv_memory"] = parse_size(kv_memory)
     settings = EngineSettings(**settings)
-    llm = load(model, device=device, dtype=dtype, backend=backend, quantize=quantize)
+    # a server decodes for hours: the weights' copy in 2 MiB pages (2-10% faster decode) pays
+    llm = load(model, device=device, dtype=dtype, backend=backend, quantize=quantize, mmap=False)
     if chat_template is not None:
         llm._template(chat_template).check(chat_template)    # a template that does not parse: fail now
     server = Server(llm, served_model_name or model or llm.path.name, settings, api_key, max_pending, chat_template)

@@ -163,11 +163,12 @@ def file_views(model: Decoder, targets: dict[str, list], files: list[Path]) -> d
     is the file's, its layout the file's (out, in) (cpu.PLANS' "out_in"), no transform applies,
     and its tensors lie back to back in the file in row order: a whole tensor, or a fused gate|up,
     which safetensors' name order stores gate then up. q, k and v (stored k, o, q, v) and
-    converted, transposed or quantized weights are copied as before (load_weights). The price:
-    file pages are 4 KiB (private file mappings get no 2 MiB pages), ~4% slower fp32 decode on
-    llama-125m than the copy in 2 MiB pages, measured interleaved; MINILLM_MMAP=0 copies all."""
-    if os.environ.get("MINILLM_MMAP") == "0":
-        return {}
+    converted, transposed or quantized weights are copied as before (load_weights).
+    The price is at decode: file pages are 4 KiB (a private file mapping gets no 2 MiB pages, and
+    they lie wherever the page cache put them), 2-10% slower than the copy in 2 MiB pages
+    (SmolLM2 and llama-125m, fp32 and bf16, interleaved). The copy costs ~0.2 s per 500 MB, so it
+    pays after a few hundred tokens: a load that will serve (the server) copies (load_model's
+    mmap=False)."""
     params = {n: p for n, p in model.named_parameters() if not isinstance(p, quant.Packed)}
     parts: dict[str, list] = {}                  # core name -> [(rows, file, start, stop, shape)]
     for file in files:
@@ -215,7 +216,12 @@ def weights_loaded(model: Decoder, views=()):
     parameter but the file views) into 2 MiB pages (cpu.huge_pages), in a thread, so that a load
     does not wait ~1 s for the kernel's compaction (the weights are only read from now on:
     collapsing pages under readers is safe). Asked before the fill instead, every first touch
-    faulted a 2 MiB page through that compaction, in the load."""
+    faulted a 2 MiB page through that compaction, in the load. Not when file views hold most of
+    the weights: the few left (q/k/v) gain less than the compaction costs whatever runs next
+    (a second load right after was ~2x slower with it)."""
+    sizes = {n: p.numel() * p.element_size() for n, p in model.named_parameters()}
+    if sum(sizes[n] for n in views) > sum(sizes.values()) / 2:
+        return
     p = next((p for n, p in model.named_parameters() if n not in views), None)
     if p is not None and p.is_cpu:
         import threading
@@ -380,8 +386,11 @@ def _fill(param: torch.Tensor, d: archs.Target, t: torch.Tensor, name: str, seen
 
 
 def load_model(path: Path, device: torch.device, dtype: torch.dtype | None, backend: str = "auto",
-               progress=None, quantize: str | None = None) -> tuple[Decoder, dict]:
-    """-> (Decoder, hf config dict). dtype None: locate.default_dtype. quantize: quant.parse."""
+               progress=None, quantize: str | None = None, mmap: bool = True) -> tuple[Decoder, dict]:
+    """-> (Decoder, hf config dict). dtype None: locate.default_dtype. quantize: quant.parse.
+    mmap: the weights that can be are views of the file (file_views), else all are copied;
+    MINILLM_MMAP=0 or 1 overrides it."""
+    mmap = {"0": False, "1": True}.get(os.environ.get("MINILLM_MMAP", ""), mmap)
     hf = read_config(path)
     cfg, adapter = to_config(hf)
     files = weight_files(path)
@@ -392,7 +401,7 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype | None, back
                         "(supported: fp8 with a 2-D weight_block_size, as DeepSeek-V3)")
     checked = check_names(adapter, cfg, files)
     model = skeleton(cfg, dtype, settings(device, dtype, backend, quantize))
-    views = file_views(model, checked[1], files) if device.type == "cpu" else {}
+    views = file_views(model, checked[1], files) if mmap and device.type == "cpu" else {}
     allocate(model, device, views)
     model.reset_buffers()
     load_weights(model, adapter, files, progress, tuple(quant["weight_block_size"]) if quant else None,

@@ -181,7 +181,7 @@ def _file_view_of(p: torch.Tensor, file) -> bool:
 def test_weights_are_views_of_the_file_where_its_bytes_are_theirs(checkpoints, monkeypatch):
     """fp32 saved, fp32 loaded on CPU: whole tensors and gate|up (stored back to back) are the
     mmapped file's bytes at their offsets; q/k/v (stored k, o, q, v) are copied. The logits are
-    the all-copied load's (MINILLM_MMAP=0), and a weight written in place changes neither the file
+    the all-copied load's (mmap=False), and a weight written in place changes neither the file
     nor the next load (a private mapping)."""
     from minillm import loader
     path = checkpoints["llama-mha"]
@@ -198,10 +198,13 @@ def test_weights_are_views_of_the_file_where_its_bytes_are_theirs(checkpoints, m
     assert not _file_view_of(m.layers[0].attn.qkv.weight, file)
     ids = ids_for(3)
     ours = llm.logits(ids)
-    monkeypatch.setenv("MINILLM_MMAP", "0")
-    copied = minillm.load(path)
+    copied = minillm.load(path, mmap=False)
     assert not any(_file_view_of(p, file) for p in copied.model.parameters())
     assert torch.equal(copied.logits(ids), ours)
+    monkeypatch.setenv("MINILLM_MMAP", "0")                  # the override, both ways
+    assert not any(_file_view_of(p, file) for p in minillm.load(path).model.parameters())
+    monkeypatch.setenv("MINILLM_MMAP", "1")
+    assert _file_view_of(minillm.load(path, mmap=False).model.embed.weight, file)
     monkeypatch.delenv("MINILLM_MMAP")
     before = file.read_bytes()
     with torch.no_grad():

@@ -44,12 +44,19 @@ class PeakRssAnon:
 @torch.inference_mode()
 def read_bandwidth(device, mbytes: int = 256, reps: int = 5) -> dict:
     """Bytes/s read by a streaming sum and by a matrix-vector product over `mbytes` (more than any
-    last-level cache), best of `reps`, at the current thread count."""
+    last-level cache), best of `reps`, at the current thread count; on CPU also by minillm's own
+    one-row product (kernels/cpu_gemv.c), whose prefetching reads faster than torch's sum here
+    (a roof that the decode beat would not be one)."""
     n = mbytes * 2**20 // 4
     x = torch.full((n // 4096, 4096), 1.0, device=device)       # fp32
     v = torch.ones(1, 4096, device=device)
+    probes = {"sum": lambda: x.sum(), "matvec": lambda: torch.nn.functional.linear(v, x)}
+    if torch.device(device).type == "cpu":
+        from ..kernels import cpu_gemv
+        if cpu_gemv.available():
+            probes["loops"] = lambda: cpu_gemv.gemv(v, x)
     out = {}
-    for name, fn in (("sum", lambda: x.sum()), ("matvec", lambda: torch.nn.functional.linear(v, x))):
+    for name, fn in probes.items():
         best = float("inf")
         for _ in range(reps + 1):
             sync(device)
