@@ -71,6 +71,16 @@ class GGUFFile:
             values = np.frombuffer(self.mm, dtype, n, self.pos).tolist()
             self.pos += n * dtype.itemsize
             return values
+        if item == 8:    # strings (a vocabulary, its merges: ~100k): one loop, no call per string
+            out, mm, pos, unpack = [], self.mm, self.pos, struct.unpack_from
+            for _ in range(n):
+                (k,) = unpack("<Q", mm, pos)
+                out.append(mm[pos + 8:pos + 8 + k].decode("utf-8", errors="replace"))
+                pos += 8 + k
+            if pos > len(mm):
+                raise ValueError("a string array runs past the end of the file")
+            self.pos = pos
+            return out
         return [self._value(item) for _ in range(n)]
 
     def _parse(self):
@@ -113,6 +123,9 @@ class GGUFFile:
         if kind not in SUPPORTED:
             raise LoadError(f"tensor {name!r} in {self.path.name} has type {kind}, which minillm does not "
                             f"read (supported: {', '.join(SUPPORTED)})")
+        if kind in BLOCKS:   # minillm's own formats: in torch, ~10x gguf's numpy, the same floats
+            raw = self.read_raw(name)
+            return dequantize(raw.reshape(-1, raw.shape[-1]), kind).reshape(shape)
         if kind in ("F32", "F16"):
             data = np.frombuffer(self.mm, np.dtype(kind.lower().replace("f", "float")), math.prod(shape), offset)
         else:   # blocks: one row of bytes per row of values
@@ -159,3 +172,16 @@ def blocks(raw: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
     d = half(at_d)
     return {"qweight": q, "scales": d, "mins": half(2) if kind == "Q4_1" else d * -8}
 
+
+
+def dequantize(raw: torch.Tensor, kind: str) -> torch.Tensor:
+    """Rows of Q4_0, Q4_1 or Q8_0 blocks (N, K/32 * bytes) -> float32 (N, K), with gguf.quants'
+    arithmetic in its order (d * q, then + m; Q4_0's q - 8 first), so the same floats."""
+    p = blocks(raw, kind)
+    d = p["scales"].float()[..., None]                             # (N, K/32, 1)
+    if kind == "Q8_0":
+        return (d * p["qweight"].float()).reshape(raw.shape[0], -1)
+    q = p["qweight"]
+    q = torch.cat((q & 15, q >> 4), dim=-1).float()                # (N, K/32, 32): low nibbles first
+    w = d * (q - 8) if kind == "Q4_0" else d * q + p["mins"].float()[..., None]
+    return w.reshape(raw.shape[0], -1)

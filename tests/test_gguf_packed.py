@@ -229,3 +229,18 @@ def test_deepseek_float_expert_stacks_quantized_on_request(tmp_path):
         assert 0 < kl <= (0.25 if spec == "int8" else QUANT_THRESHOLDS[4]["kl"]), (spec, kl)
         out = llm.generate(ids[0].tolist(), max_new_tokens=4, temperature=0).token_ids
         assert llm.logits([ids[0].tolist() + out[:-1]])[0, -4:].argmax(-1).tolist() == out
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])
+def test_torch_dequantization_is_ggufs(kind):
+    """gguf_file.dequantize (what a float load of these types runs) gives gguf.quants' floats, bit
+    for bit, on blocks quantized from values of every scale (tiny, large, negative, zero rows)."""
+    from minillm.gguf_file import dequantize
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(64, 256, generator=g) * torch.logspace(-4, 3, 64)[:, None]
+    x[5] = 0.0
+    raw = gguf.quants.quantize(x.numpy(), Q[kind])
+    want = gguf.quants.dequantize(raw, Q[kind])
+    got = dequantize(torch.from_numpy(raw), kind)
+    assert got.dtype == torch.float32 and got.shape == (64, 256)
+    assert torch.equal(got, torch.from_numpy(want))
