@@ -1,10 +1,11 @@
 """From a folder or hub id to a Decoder with every parameter filled.
 
 A parameter that is the checkpoint's bytes as they stand (same dtype and layout) is a view of the
-mmapped file, as in transformers (file_views); the others stream tensor by tensor out of the mmapped
-safetensors, converted on the way, into parameters allocated without initialisation: peak memory
-stays near one copy. Loading is strict: each checkpoint tensor goes somewhere or is deliberately ignored by the adapter, each
-parameter (each row of a fused one) is filled exactly once, each shape is checked.
+mmapped file, as in transformers (file_views); the others stream tensor by tensor out of the
+mmapped safetensors, converted on the way, into parameters allocated without initialisation: peak
+memory stays near one copy. Loading is strict: each checkpoint tensor goes somewhere or is
+deliberately ignored by the adapter, each parameter (each row of a fused one) is filled exactly
+once, each shape is checked.
 """
 from __future__ import annotations
 
@@ -168,7 +169,8 @@ def file_views(model: Decoder, targets: dict[str, list], files: list[Path]) -> d
     they lie wherever the page cache put them), 2-10% slower than the copy in 2 MiB pages
     (SmolLM2 and llama-125m, fp32 and bf16, interleaved). The copy costs ~0.2 s per 500 MB, so it
     pays after a few hundred tokens: a load that will serve (the server) copies (load_model's
-    mmap=False)."""
+    mmap=False). As with transformers, a file rewritten in place under a loaded model changes or
+    breaks it (SIGBUS where it was truncated); the copy does not depend on the file."""
     params = {n: p for n, p in model.named_parameters() if not isinstance(p, quant.Packed)}
     parts: dict[str, list] = {}                  # core name -> [(rows, file, start, stop, shape)]
     for file in files:
@@ -307,7 +309,10 @@ def load_weights(model: Decoder, adapter, files: list[Path], progress: bool | No
                     if any(d.param not in params for d in dests):   # an adapter's bug, not the file's
                         raise LoadError(f"tensor {name!r} maps to {dests[0].param!r}, which the model lacks")
                     if len(dests) == 1 and dests[0].param in views:   # file_views checked its shape
-                        filled[dests[0].param] += _seen(dests[0], name, seen, f.get_slice(name).get_shape())
+                        n = _seen(dests[0], name, seen, f.get_slice(name).get_shape())
+                        filled[dests[0].param] += n
+                        if bar:
+                            bar.update(n * views[dests[0].param].element_size())
                         continue
                     t = f.get_tensor(name)
                     if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) or name + "_scale_inv" in where:
