@@ -95,7 +95,9 @@ def upcast_bf16() -> bool:
     bf16 GEMM (AVX512-BF16 at best) is slower than MKL's fp32 one even counting the weight's
     conversion (SmolLM2's gate|up at 512 rows, 2 threads, on an AVX512-BF16 Xeon without AMX:
     11.9 ms bf16, 7.5 ms converted to fp32). The products are exact in fp32 either way and sum in
-    fp32; the output is rounded to bf16 once. MINILLM_BF16_UPCAST=0 or 1 overrides."""
+    fp32; the output is rounded to bf16 once. A prompt's attention follows (attention.sdpa: torch's
+    CPU flash kernel, 512 tokens, 9 heads: 4.5 ms bf16, 3.1 ms fp32 with the upcasts).
+    MINILLM_BF16_UPCAST=0 or 1 overrides."""
     forced = os.environ.get("MINILLM_BF16_UPCAST")
     if forced in ("0", "1"):
         return forced == "1"

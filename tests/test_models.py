@@ -158,8 +158,9 @@ def test_llama_layout_with_tanh_gelu(tmp_path):
 
 
 def test_bf16_prefill_upcast_equals_bf16_gemm(checkpoints, monkeypatch):
-    """Without AMX, bf16 products of many rows run in fp32 (cpu.upcast_bf16): the same products
-    (exact in fp32) and fp32 sums, so the logits agree with oneDNN's bf16 GEMM to bf16 rounding."""
+    """Without AMX, bf16 products of many rows and a prompt's attention run in fp32
+    (cpu.upcast_bf16): the same products (exact in fp32) and fp32 sums, so the logits agree with
+    oneDNN's bf16 GEMM and bf16 SDPA to bf16 rounding."""
     from minillm import cpu
     llm = minillm.load(checkpoints["llama-bf16"], device="cpu", dtype="bfloat16")
     ids = ids_for(3)
