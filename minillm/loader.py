@@ -215,7 +215,7 @@ def read_header(file: Path) -> tuple[int, dict]:
 
 def weights_loaded(model: Decoder, views=()):
     """After the last weight is in: their CPU allocation (allocate's one storage, which holds every
-    parameter but the file views) into 2 MiB pages (cpu.huge_pages), in a thread, so that a load
+    parameter but the file views) into 2 MiB pages (cpu.huge_pages_later), in a thread, so that a load
     does not wait ~1 s for the kernel's compaction (the weights are only read from now on:
     collapsing pages under readers is safe). Asked before the fill instead, every first touch
     faulted a 2 MiB page through that compaction, in the load. Not when file views hold most of
@@ -226,9 +226,7 @@ def weights_loaded(model: Decoder, views=()):
         return
     p = next((p for n, p in model.named_parameters() if n not in views), None)
     if p is not None and p.is_cpu:
-        import threading
-        arena = torch.empty(0, dtype=torch.uint8).set_(p.untyped_storage())
-        threading.Thread(target=cpu.huge_pages, args=(arena,), daemon=True).start()
+        cpu.huge_pages_later(torch.empty(0, dtype=torch.uint8).set_(p.untyped_storage()))
 
 
 def checkpoint_names(files: list[Path]) -> dict[str, Path]:

@@ -231,3 +231,17 @@ def test_converted_sharded_or_apart_weights_are_copied(checkpoints):
                 for i in range(len(m.layers))]
     assert not all(together)                          # the case this test is for
     assert [mapped(layer.mlp.gate_up.weight) for layer in m.layers] == together
+
+
+def test_exit_right_after_a_load_is_clean(checkpoints):
+    """The copied weights' 2 MiB pages are asked for in a thread (cpu.huge_pages_later); a process
+    that exits while it runs stops it between pieces and joins it: exit status 0, nothing on stderr
+    (a daemon thread killed inside madvise aborted the process)."""
+    import subprocess
+    import sys
+    code = ("import threading, minillm; from minillm import cpu\n"
+            f"llm = minillm.load({str(checkpoints['llama-mha'])!r}, mmap=False)\n"
+            "t = torch.ones(64 << 20, dtype=torch.uint8); cpu.huge_pages_later(t)\n"
+            "assert any(th.name == 'minillm-huge-pages' for th in threading.enumerate()) or cpu._collapsing\n")
+    r = subprocess.run([sys.executable, "-c", "import torch\n" + code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "terminate" not in r.stderr, r.stderr

@@ -47,6 +47,8 @@ def _load_child(system: str, path: str, device: str, dtype: str, backend: str, q
         out["cuda_allocated"] = torch.cuda.max_memory_allocated(device)
     del s
     gc.collect()
+    from ..cpu import huge_pages_settled
+    huge_pages_settled()              # the first load's page collapse (its own cost, not the next's)
     t0 = time.perf_counter()          # again, in this process: what a notebook or a server pays
     s = cls(path, device, parse_dtype(dtype), backend, quantize or None, **kwargs)
     sync(device)
