@@ -35,28 +35,82 @@ HEAD_OPS(uint16_t, bf16_f32)
      or bf16, out (B, H, Dv) fp32.
    softmax in fp32 with the maximum subtracted, as SDPA. attend_head does one (b, h), with p a
    buffer of S_b floats for its scores. */
-#define ATTEND(T)                                                                           \
-    for (int64_t j = 0; j < n; j++) {                                                       \
-        p[j] = scale * dot_##T(qh, (const T *)k + (rows[b * S + j] * Hkv + hk) * D, D);     \
-        mx = p[j] > mx ? p[j] : mx;                                                         \
-    }                                                                                       \
+/* The scores of 16 keys at once (AVX-512): each key's q . k in one register of 16 partial sums,
+   then the 16 registers summed across their lanes together, in 45 shuffles and adds instead of
+   16 reductions of ~8 each (a reduction per key cost as much as its products: ~18 ns per head
+   and key here, 11 with this). The same sums in another order. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline __m512 k16(const float *p) { return _mm512_loadu_ps(p); }
+static inline __m512 k16_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline __m512 pair_sum(__m512 a, __m512 b) {   /* 128-bit lanes: a0+a2, b0+b2, a1+a3, b1+b3 */
+    return _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+}
+static inline __m512 quad_sum(__m512 ab, __m512 cd) {  /* lanes: a, b, c, d partial sums */
+    const __m512d x = _mm512_castps_pd(ab), y = _mm512_castps_pd(cd);
+    return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+}
+static inline __m512 lane_sum(__m512 t, __m512 u) {    /* 4 lanes of t, 4 of u -> 2 + 2 */
+    return _mm512_add_ps(_mm512_shuffle_f32x4(t, u, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(t, u, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+static inline __m512 sum16(const __m512 a[16]) {     /* -> (sum a[0], ..., sum a[15]) */
+    __m512 t[4];
+    for (int i = 0; i < 4; i++)
+        t[i] = quad_sum(pair_sum(a[4 * i], a[4 * i + 1]), pair_sum(a[4 * i + 2], a[4 * i + 3]));
+    return lane_sum(lane_sum(t[0], t[1]), lane_sum(t[2], t[3]));
+}
+#define SCORES16(T, LOAD)                                                                   \
+    for (; j + 16 <= n; j += 16) {                                                          \
+        __m512 a[16];                                                                       \
+        for (int i = 0; i < 16; i++) {                                                      \
+            const T *kj = (const T *)k + (rows[b * S + j + i] * Hkv + hk) * D;              \
+            a[i] = _mm512_mul_ps(_mm512_loadu_ps(qh), LOAD(kj));                            \
+            for (int d = 16; d < D; d += 16) a[i] = _mm512_fmadd_ps(_mm512_loadu_ps(qh + d), LOAD(kj + d), a[i]); \
+        }                                                                                   \
+        _mm512_storeu_ps(p + j, _mm512_mul_ps(_mm512_set1_ps(scale), sum16(a)));            \
+    }
+#else
+#define SCORES16(T, LOAD)
+#endif
+
+#define ATTEND(T, LOAD16)                                                                   \
+    int64_t j = 0;                                                                          \
+    if (D % 16 == 0) { SCORES16(T, LOAD16) }                                                \
+    for (; j < n; j++) p[j] = scale * dot_##T(qh, (const T *)k + (rows[b * S + j] * Hkv + hk) * D, D); \
+    for (j = 0; j < n; j++) mx = p[j] > mx ? p[j] : mx;                                     \
     _Pragma("omp simd reduction(+:sum)")                                                    \
     for (int64_t j = 0; j < n; j++) sum += (p[j] = exp_neg(p[j] - mx));                     \
     for (int64_t j = 0; j < n; j++)                                                         \
         axpy_##T(p[j] / sum, (const T *)v + (rows[b * S + j] * Hkv + hk) * Dv, o, Dv);
 
-void attend_head(int64_t b, int h, int H, int Hkv, int D, int Dv, int64_t S, const float *q, int64_t q_stride,
-                 const void *k, const void *v, int kv_bf16, const int64_t *rows, const int64_t *lens,
-                 float scale, float *out, float *p) {
+/* D and Dv constants where they are the common head sizes: the loops unroll (~20% faster) */
+static inline __attribute__((always_inline)) void attend_impl(
+        int64_t b, int h, int H, int Hkv, const int D, const int Dv, int64_t S, const float *q, int64_t q_stride,
+        const void *k, const void *v, int kv_bf16, const int64_t *rows, const int64_t *lens,
+        float scale, float *out, float *p) {
     const int64_t hk = h / (H / Hkv), n = lens[b];
     const float *qh = q + b * q_stride + h * D;
     float *o = out + (b * H + h) * Dv, mx = -INFINITY, sum = 0.0f;
     memset(o, 0, Dv * sizeof(float));
     if (kv_bf16) {
-        ATTEND(uint16_t)
+        ATTEND(uint16_t, k16_bf16)
     } else {
-        ATTEND(float)
+        ATTEND(float, k16)
     }
+}
+
+void attend_head(int64_t b, int h, int H, int Hkv, int D, int Dv, int64_t S, const float *q, int64_t q_stride,
+                 const void *k, const void *v, int kv_bf16, const int64_t *rows, const int64_t *lens,
+                 float scale, float *out, float *p) {
+    if (D == 64 && Dv == 64)
+        attend_impl(b, h, H, Hkv, 64, 64, S, q, q_stride, k, v, kv_bf16, rows, lens, scale, out, p);
+    else if (D == 128 && Dv == 128)
+        attend_impl(b, h, H, Hkv, 128, 128, S, q, q_stride, k, v, kv_bf16, rows, lens, scale, out, p);
+    else
+        attend_impl(b, h, H, Hkv, D, Dv, S, q, q_stride, k, v, kv_bf16, rows, lens, scale, out, p);
 }
 
 void attend_decode(int B, int H, int Hkv, int D, int Dv, int64_t S, const float *q, int64_t q_stride,
