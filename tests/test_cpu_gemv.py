@@ -125,15 +125,17 @@ def test_other_builds(march, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_reads_cache_rows(dtype):
-    """GQA (6 heads on 2), sequences of different lengths, rows scattered as a paged pool's are."""
+@pytest.mark.parametrize("D,Dv", [(32, 16), (64, 64), (128, 128)])   # the C side unrolls 64 and 128
+def test_decode_attention_reads_cache_rows(dtype, D, Dv):
+    """GQA (6 heads on 2), sequences of different lengths (keys in blocks of 16 and a tail, a tail
+    alone), rows scattered as a paged pool's are."""
     from minillm.kernels import cpu_decode as c
     gen = torch.Generator().manual_seed(3)
-    k = torch.randn(64, 2, 32, generator=gen).to(dtype)
-    v = torch.randn(64, 2, 16, generator=gen).to(dtype)
-    q = torch.randn(3, 6, 32, generator=gen)
-    rows = torch.randperm(64, generator=gen)[:3 * 20].view(3, 20).contiguous()
-    lens = torch.tensor([20, 1, 13])
+    k = torch.randn(128, 2, D, generator=gen).to(dtype)
+    v = torch.randn(128, 2, Dv, generator=gen).to(dtype)
+    q = torch.randn(3, 6, D, generator=gen)
+    rows = torch.randperm(128, generator=gen)[:3 * 37].view(3, 37).contiguous()
+    lens = torch.tensor([37, 1, 13])
     got = c.attend_decode(q, k, v, rows, lens, 0.17)
     assert rel_err(got, c.attend_decode_ref(q, k, v, rows, lens, 0.17)) < 1e-5
 
