@@ -107,8 +107,6 @@ def huge_pages_later(t: torch.Tensor):
         except (AttributeError, OSError):
             pass
         huge_pages(t, _stop)
-    if not _collapsing:
-        atexit.register(_stop_collapsing)
     _collapsing[:] = [th for th in _collapsing if th.is_alive()]
     th = threading.Thread(target=run, daemon=True, name="minillm-huge-pages")
     _collapsing.append(th)
@@ -121,6 +119,7 @@ def huge_pages_settled(timeout: float | None = None):
         th.join(timeout)
 
 
+@atexit.register
 def _stop_collapsing():
     _stop.set()
     huge_pages_settled(timeout=5)

@@ -13,6 +13,7 @@ batch's prompts, so every sequence's first token comes out of the same step (the
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -60,6 +61,9 @@ class Transformers:
 
     def __init__(self, path, device, dtype, backend, quantize=None):   # transformers runs unquantized
         self.model = hf.load_reference(path, dtype, device, what="--compare transformers")
+        if (Path(path) / "tokenizer.json").exists():   # minillm.load gives a tokenizer too: like for like
+            from transformers import AutoTokenizer
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.device = torch.device(device)
         self.pad = self.model.generation_config.eos_token_id
         self.pad = self.pad[0] if isinstance(self.pad, list) else (self.pad if self.pad is not None else 0)

@@ -42,7 +42,7 @@ def label(key: str) -> str:
     if m := re.fullmatch(r"decode_p(\d+)_b(\d+)_tok_s", key):
         return f"decode tok/s, batch {m[2]}, prompt {m[1]}" if m[2] == "1" else \
             f"decode throughput tok/s, batch {m[2]}, prompt {m[1]}"
-    return {"load_s": "load time (warm page cache)", "load_again_s": "load again in the same process", "load_rss_anon_growth_bytes": "RssAnon growth while loading",
+    return {"load_s": "load time, model and tokenizer (warm page cache)", "load_again_s": "load again in the same process", "load_rss_anon_growth_bytes": "RssAnon growth while loading",
             "load_rss_anon_growth_x_weights": "RssAnon growth / weights' bytes",
             "load_cuda_allocated_bytes": "CUDA peak allocated while loading",
             "cold_start_s": "cold start to first token (process)", "roof_fraction": "share of the bandwidth roof",
