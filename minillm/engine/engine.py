@@ -160,10 +160,13 @@ class Engine:
         for i, r in enumerate(reqs):
             if r.allowed is not None and not r.seq.tokens:   # token healing: the first token extends the tail
                 logits[i] = only(logits[i], r.allowed)
-        toks = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
         greedy = [i for i, r in enumerate(reqs) if r.params.greedy]
-        if greedy:
-            toks[greedy] = argmax(logits[greedy])
+        if len(greedy) == len(reqs):   # all greedy: no gather of the rows, no scatter (~0.15 ms a step on CPU)
+            toks = argmax(logits)
+        else:
+            toks = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
+            if greedy:
+                toks[greedy] = argmax(logits[greedy])
         for i, r in enumerate(reqs):
             if not r.params.greedy:
                 seen = torch.tensor([r.tokens], device=logits.device) if r.params.repetition_penalty else None
