@@ -182,9 +182,27 @@ ALWAYS void row_bf16_dp(const int M, int64_t n, const Weight *w, const Input *in
 }
 #endif
 
+#ifdef HAVE_DPBF16
+/* bf16 (x bf16 too), one row of x: 4 weight rows at once, x's 32 values loaded once for the four
+   (~4% faster than row by row once both prefetch; the same products, one chain per row) */
+static void rows4_bf16_dp(int64_t n, const Weight *w, const Input *in, float *r) {
+    const int64_t K = w->K;
+    const uint16_t *w0 = (const uint16_t *)w->q + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K, *x = in->xb;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < K; k += 32) {
+        ahead(w0 + k), ahead(w1 + k), ahead(w2 + k), ahead(w3 + k);
+        const __m512bh xv = bh_load(x + k);
+        a0 = _mm512_dpbf16_ps(a0, xv, bh_load(w0 + k)), a1 = _mm512_dpbf16_ps(a1, xv, bh_load(w1 + k));
+        a2 = _mm512_dpbf16_ps(a2, xv, bh_load(w2 + k)), a3 = _mm512_dpbf16_ps(a3, xv, bh_load(w3 + k));
+    }
+    r[0] = _mm512_reduce_add_ps(a0), r[1] = _mm512_reduce_add_ps(a1);
+    r[2] = _mm512_reduce_add_ps(a2), r[3] = _mm512_reduce_add_ps(a3);
+}
+#endif
+
 /* fp32, one row of x: 4 weight rows at once, four streams for the hardware prefetchers instead of
-   one and x read once for four rows: ~20% faster than row by row here, and than MKL's gemv (the
-   same for bf16's dot products measured no faster; what they wanted was the prefetch, ahead). */
+   one and x read once for four rows: ~20% faster than row by row here, and than MKL's gemv (for
+   bf16's dot products, above, ~4%: what they wanted was the prefetch, ahead). */
 static void rows4_f32(int64_t n, const Weight *w, const float *x, float *r) {
     const int64_t K = w->K;
     const float *w0 = (const float *)w->q + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
@@ -590,6 +608,13 @@ void gemv_range(const Weight *w, const Input *in, float *y, int64_t ldy, int64_t
                 rows4_f32(n0, w, c.x, r);
                 for (int j = 0; j < 4; j++) store(yc + n0 + j, r[j], mode);
             }
+#ifdef HAVE_DPBF16
+        if (M == 1 && w->kind == W_BF16 && c.xb)
+            for (; n0 + 4 <= n1; n0 += 4) {
+                rows4_bf16_dp(n0, w, &c, r);
+                for (int j = 0; j < 4; j++) store(yc + n0 + j, r[j], mode);
+            }
+#endif
 #ifdef HAVE_VNNI512
         if (M == 1 && (w->kind == W_INT8 || w->kind == W_INT4) && w->round_x)
             for (; n0 + 4 <= n1; n0 += 4) {
