@@ -595,6 +595,9 @@ static inline void store(float *out, float v, int mode) {   /* a result under OU
     *out = v;
 }
 
+/* One row of x, 4 weight rows a pass (CALL fills r[0..3] for rows n0..n0+3); ROWS takes the rest */
+#define ROWS4(CALL)                                                                             for (; n0 + 4 <= n1; n0 += 4) {                                                                 CALL;                                                                                       for (int j = 0; j < 4; j++) store(yc + n0 + j, r[j], mode);                             }
+
 void gemv_range(const Weight *w, const Input *in, float *y, int64_t ldy, int64_t first, int64_t n1, int mode) {
     const int64_t K = w->K, G = w->G;
     for (int m0 = 0; m0 < in->M; m0 += MAX_ROWS) {
@@ -603,24 +606,13 @@ void gemv_range(const Weight *w, const Input *in, float *y, int64_t ldy, int64_t
                          in->xs ? in->xs + m0 * K / G : 0, in->xb ? in->xb + m0 * K : 0};
         float r[MAX_ROWS], *yc = y + m0 * ldy;
         int64_t n0 = first;
-        if (M == 1 && w->kind == W_F32)                    /* one row of x: 4 weight rows a pass */
-            for (; n0 + 4 <= n1; n0 += 4) {
-                rows4_f32(n0, w, c.x, r);
-                for (int j = 0; j < 4; j++) store(yc + n0 + j, r[j], mode);
-            }
+        if (M == 1 && w->kind == W_F32) ROWS4(rows4_f32(n0, w, c.x, r))
 #ifdef HAVE_DPBF16
-        if (M == 1 && w->kind == W_BF16 && c.xb)
-            for (; n0 + 4 <= n1; n0 += 4) {
-                rows4_bf16_dp(n0, w, &c, r);
-                for (int j = 0; j < 4; j++) store(yc + n0 + j, r[j], mode);
-            }
+        if (M == 1 && w->kind == W_BF16 && c.xb) ROWS4(rows4_bf16_dp(n0, w, &c, r))
 #endif
 #ifdef HAVE_VNNI512
         if (M == 1 && (w->kind == W_INT8 || w->kind == W_INT4) && w->round_x)
-            for (; n0 + 4 <= n1; n0 += 4) {
-                rows4_int_512(n0, w, &c, r, w->kind == W_INT4);
-                for (int j = 0; j < 4; j++) store(yc + n0 + j, r[j], mode);
-            }
+            ROWS4(rows4_int_512(n0, w, &c, r, w->kind == W_INT4))
 #endif
         switch (w->kind) {
         case W_F32: ROWS(row_f32) break;

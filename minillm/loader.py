@@ -111,7 +111,6 @@ def build(cfg: Config, device, dtype, run: RunSettings = RunSettings()) -> Decod
     """A Decoder whose parameters are allocated but not initialised (they are about to be filled)."""
     model = skeleton(cfg, dtype, run)
     allocate(model, device)
-    model.reset_buffers()
     return model
 
 
@@ -134,9 +133,10 @@ def allocate(model: Decoder, device, views: dict | None = None):
     """model.to_empty(device), minus its meta-device empty_like (whose first call imports sympy:
     0.3 s of a cold start). On CPU every parameter and buffer not in `views` becomes a view into
     one allocation, in module order (the order decode streams them), put in 2 MiB pages once
-    filled (weights_loaded)."""
+    filled (weights_loaded). Then what is derived, not loaded, is recomputed (reset_buffers)."""
     if torch.device(device).type != "cpu":
         model._apply(lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device))
+        model.reset_buffers()
         return
     views = views or {}
     given = {id(p): views[n] for n, p in model.named_parameters() if n in views}
@@ -149,6 +149,7 @@ def allocate(model: Decoder, device, views: dict | None = None):
         out[k] = arena[at:at + nbytes[k]].view(t.dtype).as_strided(t.shape, t.stride())
         at += padded[k]
     model._apply(lambda t: out[id(t)])
+    model.reset_buffers()
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -406,7 +407,6 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype | None, back
     model = skeleton(cfg, dtype, settings(device, dtype, backend, quantize))
     views = file_views(model, checked[1], files) if mmap and device.type == "cpu" else {}
     allocate(model, device, views)
-    model.reset_buffers()
     load_weights(model, adapter, files, progress, tuple(quant["weight_block_size"]) if quant else None,
                  views, checked)
     return model, hf

@@ -122,6 +122,11 @@ def reference():
     return get
 
 
+def file_view_of(p: torch.Tensor, file: Path) -> bool:
+    """Whether p lies in a mapping of the whole checkpoint file (loader.file_views), not the arena."""
+    return p.untyped_storage().nbytes() == file.stat().st_size
+
+
 def run_cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "minillm.cli", *args], capture_output=True, text=True,

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import file_view_of, run_cli
 
 import minillm
 from minillm import archs, bench, cpu
@@ -130,8 +130,7 @@ def test_cpu_plan_override_and_weights_in_one_allocation(checkpoints, monkeypatc
     finally:
         cpu._plan.cache_clear()
     assert model.layers[1].mlp.down.weight.stride() == (1, 64)             # stored (in, out)
-    size = (checkpoints["llama-mha"] / "model.safetensors").stat().st_size
-    mapped = lambda p: p.untyped_storage().nbytes() == size                 # loader.file_views
+    mapped = lambda p: file_view_of(p, checkpoints["llama-mha"] / "model.safetensors")
     transposed = [p for p in model.parameters() if p.dim() == 2 and p.stride(0) == 1]
     assert transposed and not any(map(mapped, transposed))                 # not the file's layout: copied
     storages = {p.untyped_storage().data_ptr() for p in model.parameters() if not mapped(p)}

@@ -1,7 +1,7 @@
 """Every architecture variant against transformers: logits, cached decoding, greedy generation."""
 import pytest
 import torch
-from conftest import ARCHS, VOCAB
+from conftest import ARCHS, VOCAB, file_view_of
 
 import minillm
 
@@ -174,11 +174,6 @@ def test_bf16_prefill_upcast_equals_bf16_gemm(checkpoints, monkeypatch):
     assert (out["0"].argmax(-1) == out["1"].argmax(-1)).float().mean() > 0.95
 
 
-def _file_view_of(p: torch.Tensor, file) -> bool:
-    """Whether p lies in a mapping of the whole checkpoint file (loader.file_views), not the arena."""
-    return p.untyped_storage().nbytes() == file.stat().st_size
-
-
 def test_weights_are_views_of_the_file_where_its_bytes_are_theirs(checkpoints, monkeypatch):
     """fp32 saved, fp32 loaded on CPU: whole tensors and gate|up (stored back to back) are the
     mmapped file's bytes at their offsets; q/k/v (stored k, o, q, v) are copied. The logits are
@@ -195,17 +190,17 @@ def test_weights_are_views_of_the_file_where_its_bytes_are_theirs(checkpoints, m
                     ("model.layers.0.mlp.gate_proj.weight", m.layers[0].mlp.gate_up.weight),
                     ("model.layers.1.mlp.down_proj.weight", m.layers[1].mlp.down.weight),
                     ("lm_head.weight", m.head.weight), ("model.norm.weight", m.norm.weight)]:
-        assert _file_view_of(p, file) and p.data_ptr() == start + base + header[name][2], name
-    assert not _file_view_of(m.layers[0].attn.qkv.weight, file)
+        assert file_view_of(p, file) and p.data_ptr() == start + base + header[name][2], name
+    assert not file_view_of(m.layers[0].attn.qkv.weight, file)
     ids = ids_for(3)
     ours = llm.logits(ids)
     copied = minillm.load(path, mmap=False)
-    assert not any(_file_view_of(p, file) for p in copied.model.parameters())
+    assert not any(file_view_of(p, file) for p in copied.model.parameters())
     assert torch.equal(copied.logits(ids), ours)
     monkeypatch.setenv("MINILLM_MMAP", "0")                  # the override, both ways
-    assert not any(_file_view_of(p, file) for p in minillm.load(path).model.parameters())
+    assert not any(file_view_of(p, file) for p in minillm.load(path).model.parameters())
     monkeypatch.setenv("MINILLM_MMAP", "1")
-    assert _file_view_of(minillm.load(path, mmap=False).model.embed.weight, file)
+    assert file_view_of(minillm.load(path, mmap=False).model.embed.weight, file)
     monkeypatch.delenv("MINILLM_MMAP")
     before = file.read_bytes()
     with torch.no_grad():
@@ -219,11 +214,11 @@ def test_converted_sharded_or_apart_weights_are_copied(checkpoints):
     in different files: then gate|up is copied, while whole tensors still map."""
     bf16 = minillm.load(checkpoints["llama-bf16"])
     file = checkpoints["llama-bf16"] / "model.safetensors"
-    assert bf16.model.dtype == torch.float32 and not any(_file_view_of(p, file) for p in bf16.model.parameters())
+    assert bf16.model.dtype == torch.float32 and not any(file_view_of(p, file) for p in bf16.model.parameters())
     path = checkpoints["llama-linear-sharded"]
     m = minillm.load(path).model
     files = sorted(path.glob("*.safetensors"))
-    mapped = lambda p: any(_file_view_of(p, f) for f in files)
+    mapped = lambda p: any(file_view_of(p, f) for f in files)
     assert len(files) > 1 and mapped(m.layers[0].mlp.down.weight) and mapped(m.embed.weight)
     from minillm import loader
     where = loader.checkpoint_names(files)

@@ -37,11 +37,14 @@ def _load_child(system: str, path: str, device: str, dtype: str, backend: str, q
     kwargs = {"n_ctx": int(n_ctx)} if system == "llama.cpp" and n_ctx else {}
     if torch.device(device).type == "cuda":
         torch.cuda.init()
-    with PeakRssAnon() as mem:
+    def timed_load():
         t0 = time.perf_counter()
         s = cls(path, device, parse_dtype(dtype), backend, quantize or None, **kwargs)
         sync(device)
-        load_s = time.perf_counter() - t0
+        return time.perf_counter() - t0, s
+
+    with PeakRssAnon() as mem:
+        load_s, s = timed_load()
     out = {"load_s": load_s, "rss_anon_growth": mem.growth}
     if torch.device(device).type == "cuda":
         out["cuda_allocated"] = torch.cuda.max_memory_allocated(device)
@@ -49,11 +52,7 @@ def _load_child(system: str, path: str, device: str, dtype: str, backend: str, q
     gc.collect()
     from ..cpu import huge_pages_settled
     huge_pages_settled()              # the first load's page collapse (its own cost, not the next's)
-    t0 = time.perf_counter()          # again, in this process: what a notebook or a server pays
-    s = cls(path, device, parse_dtype(dtype), backend, quantize or None, **kwargs)
-    sync(device)
-    out["load_again_s"] = time.perf_counter() - t0
-    del s
+    out["load_again_s"] = timed_load()[0]   # again, in this process: what a notebook pays
     print(json.dumps(out))
 
 
